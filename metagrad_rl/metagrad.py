@@ -1,0 +1,247 @@
+"""The exact meta-gradient ``dL_out/deta`` split into the paper's terms (Eq 10-14) and Eq 17.
+
+With ``L_out = -J_ex`` the outer loss after the unrolled policy rounds (Eq 24) and
+``theta_{k+1}(eta)`` the result of the inner TorchOpt updates (Eq 23),
+
+.. math::
+
+    \\frac{dL_{out}}{d\\eta} = \\underbrace{\\partial_\\eta L_{out}}_{\\text{Eq 11}}
+      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\eta}^{\\pi}\\theta_{k+1}}_{\\text{Eq 12}}
+      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\eta}^{A}\\theta_{k+1}}_{\\text{Eq 13}}
+      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\theta_k}\\theta_{k+1}
+        \\frac{d\\theta_k}{d\\eta}}_{\\text{Eq 14}}
+
+Each term is the partial derivative along one *path* of ``eta`` (:class:`EtaPaths`): the engine
+gives every path its own leaf copy of ``eta`` and takes one backward pass, so the terms sum to
+the total derivative exactly for any optimizer (SGD, Adam, with or without clipping), any number
+of inner steps and rounds. Eq 17 (the CLN best-response gradient) is ``partial_eta L_out`` at a
+given ``theta``: it needs no unroll. All gradients are of the *loss* ``L_out`` (descent
+direction ``-grad``); the paper's ``dJ_ex/deta`` is their negative.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torchopt
+from torch import Tensor
+
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
+from metagrad_rl.unroll import (
+    Batch,
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Params,
+    Round,
+    check_batch,
+    check_optimizer,
+    check_params,
+    check_rounds,
+    outer_loss_at,
+    unroll,
+)
+
+TERMS = ("eq11", "eq12", "eq13", "eq14")
+DENOMINATORS = ("theta_k", "theta_k+1")
+
+
+class MetaGradResult(NamedTuple):
+    """Every term of ``dL_out/deta`` (dicts keyed like ``eta``), Eq 17, and diagnostics.
+
+    ``eq11``..``eq14`` are ``None`` when only the total was asked for (``terms=False``).
+    ``total`` is the sum of the four terms when they were computed, else the gradient of one
+    shared ``eta`` through the whole unroll. ``eq17`` is evaluated at ``theta_next`` (and so
+    equals ``eq11``); call :func:`eq17_gradient` to evaluate it elsewhere without an unroll.
+    """
+
+    eq11: Params | None
+    eq12: Params | None
+    eq13: Params | None
+    eq14: Params | None
+    total: Params
+    eq17: Params
+    outer_loss: float
+    theta_next: Params
+    opt_state: Any
+    diagnostics: dict[str, float]
+
+
+def detach_state(state: Any) -> Any:
+    """A copy of an optimizer state (any pytree) with every tensor detached."""
+    return torchopt.pytree.tree_map(
+        lambda x: x.detach() if isinstance(x, Tensor) else x, state
+    )
+
+
+def flatten(grads: Mapping[str, Tensor]) -> Tensor:
+    """Concatenate a gradient dict into one vector (in the dict's key order)."""
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+def _grads(loss: Tensor, params: Params, retain_graph: bool = False) -> Params:
+    names = list(params)
+    gs = torch.autograd.grad(
+        loss, [params[n] for n in names], retain_graph=retain_graph, allow_unused=True
+    )
+    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, gs)}
+
+
+def _grads_many(loss: Tensor, groups: Sequence[Params]) -> list[Params]:
+    """Gradients of ``loss`` w.r.t. several dicts of leaves in one backward pass."""
+    flat = [p for g in groups for p in g.values()]
+    gs = torch.autograd.grad(loss, flat, allow_unused=True)
+    out, i = [], 0
+    for g in groups:
+        d = {}
+        for n, p in g.items():
+            d[n] = torch.zeros_like(p) if gs[i] is None else gs[i]
+            i += 1
+        out.append(d)
+    return out
+
+
+def _add(*dicts: Params) -> Params:
+    return {k: sum(d[k] for d in dicts) for k in dicts[0]}  # type: ignore[misc]
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    na, nb = a.norm(), b.norm()
+    return float("nan") if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+
+def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, float]:
+    """Norm of each gradient, its share of the total's norm and its cosine with the total."""
+    t = flatten(total)
+    out = {"norm_total": float(t.norm())}
+    for name, g in terms.items():
+        v = flatten(g)
+        out[f"norm_{name}"] = float(v.norm())
+        out[f"cos_{name}_total"] = _cos(v, t)
+    return out
+
+
+def eq17_gradient(
+    problem: MetaProblem,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    outer_batch: Batch,
+    theta_den: Mapping[str, Tensor] | None = None,
+    eta_den: Mapping[str, Tensor] | None = None,
+) -> Params:
+    """Eq 16-17, the CLN best-response gradient: ``partial_eta L_out(theta, eta)``, theta fixed.
+
+    .. math:: \\frac{dJ}{d\\eta} \\approx \\mathbb{E}_\\tau\\Big[\\sum_t
+              \\frac{\\partial\\log\\pi_{\\theta,\\eta}}{\\partial\\eta}\\hat A^{EX}_\\tau(t)\\Big]
+
+    (returned as the gradient of the loss ``L_out = -J``). ``theta_den``/``eta_den`` give the
+    ratio's denominator; by default ``theta`` and ``eta`` themselves (detached).
+    """
+    check_params("theta", theta, problem.theta_spec)
+    check_params("eta", eta, problem.eta_spec)
+    check_batch("outer_batch", outer_batch)
+    eta_leaf = {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
+    theta_fixed = {k: v.detach() for k, v in theta.items()}
+    loss = outer_loss_at(
+        problem,
+        theta_fixed,
+        eta_leaf,
+        outer_batch,
+        theta_fixed if theta_den is None else theta_den,
+        eta if eta_den is None else eta_den,
+    )
+    return _grads(loss, eta_leaf)
+
+
+def meta_gradient(
+    problem: MetaProblem,
+    optimizer: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    rounds: Sequence[Round],
+    outer_batch: Batch,
+    *,
+    opt_state: Any = None,
+    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
+    denominator: str = "theta_k",
+    terms: bool = True,
+    memory_budget_bytes: int | None = None,
+    measure_memory: bool = False,
+) -> MetaGradResult:
+    """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
+
+    Args:
+        problem: the bilevel problem (e.g. :func:`metagrad_rl.problems.ppo_meta_problem`).
+        optimizer: the inner TorchOpt transformation (``torchopt.adam(3e-4)``, ...).
+        theta: policy parameters at the start of the first unrolled round (detached inside).
+        eta: intrinsic-reward parameters ``eta_i``.
+        rounds: the unrolled rounds, oldest first; the last is the round ``k -> k+1``.
+        outer_batch: the validation batch ``tau_{k+1}`` for Eq 24.
+        opt_state: the optimizer state at the first round (``optimizer.init(theta)`` if None).
+        surrogate: ``"paper"`` or ``"detached"`` (:class:`InnerSurrogate`).
+        denominator: ``"theta_k"`` (the paper's Eq 24) or ``"theta_k+1"``.
+        terms: split into Eq 11-14 (one backward pass) or compute only the total.
+        memory_budget_bytes: stop with :class:`~metagrad_rl.memory.MemoryBudgetError` before
+            an unroll estimated to need more (default: 80% of the available memory).
+        measure_memory: record the bytes held by the autograd graph
+            (``diagnostics["graph_bytes"]``); adds a Python hook per saved tensor.
+    """
+    check_optimizer(optimizer)
+    check_params("theta", theta, problem.theta_spec)
+    check_params("eta", eta, problem.eta_spec)
+    check_rounds(rounds)
+    check_batch("outer_batch", outer_batch)
+    if opt_state is not None and not isinstance(opt_state, tuple):
+        raise ConfigError(f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)")
+    if denominator not in DENOMINATORS:
+        raise ConfigError(f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}")
+    try:
+        surrogate = InnerSurrogate(surrogate)
+    except ValueError:
+        raise ConfigError(
+            f"surrogate={surrogate!r} is invalid: expected one of "
+            f"{[s.value for s in InnerSurrogate]}"
+        ) from None
+    check_unroll_memory(problem, optimizer, theta, eta, rounds, opt_state, surrogate,
+                        memory_budget_bytes)
+
+    t0 = time.perf_counter()
+    paths = EtaPaths.leaves(eta) if terms else EtaPaths.shared(
+        {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
+    )
+    meter = GraphMemoryMeter(enabled=measure_memory)
+    with meter:
+        res = unroll(problem, optimizer, theta, paths, rounds, opt_state, surrogate)
+        theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
+        loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
+    if terms:
+        g11, g12, g13, g14 = _grads_many(loss, list(paths))
+        total = _add(g11, g12, g13, g14)
+        split: dict[str, Params] = dict(zip(TERMS, (g11, g12, g13, g14)))
+    else:
+        total = _grads(loss, paths.outer)
+        split = {}
+    elapsed = time.perf_counter() - t0
+    theta_next = {k: v.detach() for k, v in res.theta.items()}
+    g17 = eq17_gradient(problem, theta_next, eta, outer_batch,
+                        {k: v.detach() for k, v in theta_den.items()}, eta)
+    diag = diagnostics_of({**split, "eq17": g17}, total)
+    diag["time_s"] = elapsed
+    diag["inner_steps"] = float(sum(len(r.minibatches) for r in rounds))
+    diag["graph_bytes"] = float(meter.peak_bytes) if measure_memory else float("nan")
+    return MetaGradResult(
+        eq11=split.get("eq11"),
+        eq12=split.get("eq12"),
+        eq13=split.get("eq13"),
+        eq14=split.get("eq14"),
+        total=total,
+        eq17=g17,
+        outer_loss=float(loss.detach()),
+        theta_next=theta_next,
+        opt_state=detach_state(res.opt_state),
+        diagnostics=diag,
+    )

@@ -1,0 +1,125 @@
+"""The built-in bilevel problem: PPO inner round on intrinsic advantages, PPO outer round.
+
+:func:`ppo_meta_problem` returns a :class:`~metagrad_rl.unroll.MetaProblem` for a
+:class:`~metagrad_rl.networks.GaussianPolicy` (CLN-conditioned or not) and an
+:class:`~metagrad_rl.networks.IntrinsicReward`:
+
+- ``prepare`` (once per round, Eq 13 path): ``r_mix = r_ex_coef r_ex + r_in_coef r_eta(s, a)``,
+  differentiable GAE with the mixed critic's values held constant (as LIRPG does), and the
+  ratio's denominator ``log pi_{theta_old, eta_old}(a|s)``;
+- ``inner_loss`` (Eq 23): PPO-clip on the intrinsic advantages (normalised per minibatch),
+  minus an optional entropy bonus; ``eta_policy`` conditions the policy (Eq 12 path);
+- ``outer_loss`` (Eq 24): PPO-clip on the extrinsic advantages of the validation batch with
+  a detached denominator ``pi_{theta_den, eta_den}`` (``eta_policy``: Eq 11 path).
+
+Round batches are time-major dicts with keys :data:`ROUND_KEYS`; outer batches are flat dicts
+with keys :data:`OUTER_KEYS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from metagrad_rl.advantages import gae, normalize
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.networks import (
+    GaussianPolicy,
+    IntrinsicReward,
+    gaussian_entropy,
+    intrinsic_reward,
+    policy_log_prob,
+)
+from metagrad_rl.ppo import clipped_surrogate_loss
+from metagrad_rl.unroll import MetaProblem
+
+#: Keys of a round batch (time-major ``[T]`` or ``[T, N]``; obs/act with a feature dim).
+ROUND_KEYS = ("obs", "act", "r_ex", "v_mix", "v_mix_next", "terminated", "episode_end")
+#: Keys of an outer (validation) batch (flat ``[B]``; obs/act with a feature dim).
+OUTER_KEYS = ("obs", "act", "adv_ex")
+
+
+def _require(name: str, batch: Mapping[str, Tensor], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ConfigError(f"{name} lacks keys {missing}: expected {list(keys)}")
+
+
+def ppo_meta_problem(
+    policy: GaussianPolicy,
+    reward_net: IntrinsicReward,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    clip: float = 0.2,
+    r_ex_coef: float = 0.0,
+    r_in_coef: float = 1.0,
+    ent_coef: float = 0.0,
+    normalize_advantages: bool = True,
+) -> MetaProblem:
+    """The paper's bilevel PPO problem for ``policy`` and ``reward_net`` (see module doc)."""
+    if not 0.0 < clip < 1.0:
+        raise ConfigError(f"clip={clip} is invalid: expected 0 < clip < 1")
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ConfigError(f"gamma={gamma}, lam={lam} are invalid: expected values in [0, 1]")
+
+    def flat(x: Tensor, feature: bool) -> Tensor:
+        return x.reshape(-1, x.shape[-1]) if feature else x.reshape(-1)
+
+    def prepare(
+        batch: Mapping[str, Tensor],
+        *,
+        eta_reward: Mapping[str, Tensor],
+        theta_old: Mapping[str, Tensor],
+        eta_policy_old: Mapping[str, Tensor],
+    ) -> dict[str, Tensor]:
+        _require("round batch", batch, ROUND_KEYS)
+        obs, act = flat(batch["obs"], True), flat(batch["act"], True)
+        r_mix = batch["r_ex"] * r_ex_coef
+        if r_in_coef != 0.0:
+            r_in = intrinsic_reward(reward_net, eta_reward, obs, act).reshape(batch["r_ex"].shape)
+            r_mix = r_mix + r_in_coef * r_in
+        adv_in = gae(
+            r_mix,
+            batch["v_mix"],
+            batch["v_mix_next"],
+            batch["terminated"],
+            batch["episode_end"],
+            gamma,
+            lam,
+        )
+        old_logp = policy_log_prob(policy, theta_old, obs, act, eta_policy_old)
+        return {"obs": obs, "act": act, "adv_in": adv_in.reshape(-1), "old_logp": old_logp}
+
+    def inner_loss(
+        theta: Mapping[str, Tensor], mb: Mapping[str, Tensor], *, eta_policy: Mapping[str, Tensor]
+    ) -> Tensor:
+        logp = policy_log_prob(policy, theta, mb["obs"], mb["act"], eta_policy)
+        adv = normalize(mb["adv_in"]) if normalize_advantages else mb["adv_in"]
+        loss = clipped_surrogate_loss(logp, mb["old_logp"], adv, clip)
+        if ent_coef:
+            loss = loss - ent_coef * gaussian_entropy(theta["log_std"])
+        return loss
+
+    def outer_loss(
+        theta: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        *,
+        eta_policy: Mapping[str, Tensor],
+        theta_den: Mapping[str, Tensor],
+        eta_den: Mapping[str, Tensor],
+    ) -> Tensor:
+        _require("outer batch", batch, OUTER_KEYS)
+        logp = policy_log_prob(policy, theta, batch["obs"], batch["act"], eta_policy)
+        old_logp = policy_log_prob(policy, theta_den, batch["obs"], batch["act"], eta_den)
+        adv = normalize(batch["adv_ex"]) if normalize_advantages else batch["adv_ex"]
+        return clipped_surrogate_loss(logp, old_logp.detach(), adv, clip)
+
+    return MetaProblem(
+        prepare=prepare,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        theta_spec={k: tuple(v.shape) for k, v in policy.named_parameters()},
+        eta_spec={k: tuple(v.shape) for k, v in reward_net.named_parameters()},
+    )

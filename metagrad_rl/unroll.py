@@ -1,0 +1,373 @@
+"""The inner loop as differentiable TorchOpt updates (Eq 6-7 and Eq 23 of the paper).
+
+A *round* is one PPO policy round: the batch ``tau_k`` sampled by ``pi_{theta_k, eta}`` and
+the ordered minibatches (epochs x minibatches) that update ``theta_k -> theta_{k+1}``. The
+unroll runs ``R >= 1`` consecutive rounds with any TorchOpt gradient transformation, each
+step written as TorchOpt's three-line differentiable step::
+
+    grads = torch.autograd.grad(loss, theta, create_graph=True)
+    updates, state = tx.update(grads, state, params=theta, inplace=False)
+    theta = torchopt.apply_updates(theta, updates, inplace=False)
+
+``eta`` reaches the unroll through four *paths*, one per term of the meta-gradient
+(Eq 11-14). :class:`EtaPaths` holds one ``eta`` dict per path; passing the same tensors for
+every path gives the ordinary total derivative, passing separate leaves splits it into terms in
+one backward pass (the total derivative is the sum of the partial derivatives along the paths).
+
+A user's problem is a :class:`MetaProblem` of three pure functions (``prepare``,
+``inner_loss``, ``outer_loss``); :mod:`metagrad_rl.problems` has the built-in PPO/CLN one.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torchopt
+from torch import Tensor
+
+from metagrad_rl.errors import ConfigError
+
+Params = dict[str, Tensor]
+Batch = Mapping[str, Tensor]
+
+
+class InnerSurrogate(str, enum.Enum):
+    """What the PPO ratio's denominator ``pi_{theta_k, eta}`` carries in the inner step.
+
+    - ``PAPER`` (``"paper"``): the denominator is a stop-gradient for the *inner* step (the
+      inner gradient is taken w.r.t. the current ``theta`` only) but is still a function of
+      ``theta_k(eta)`` and ``eta`` at the meta level. At the first inner step the ratio is
+      identically 1 in ``eta``, and the update's derivatives are exactly the paper's
+      ``E[d^2 log pi / dtheta deta A]`` (Eq 12) and ``E[d^2 log pi / dtheta^2 A]`` (Eq 14):
+      the sampling expectation is treated as fixed.
+    - ``DETACHED`` (``"detached"``): the usual ``old_logp.detach()``: the denominator is a
+      constant everywhere, so the ratio ``exp(log pi_{theta, eta} - c)`` varies with ``eta``
+      and the meta-gradient gains score-product terms
+      ``E[grad_eta log pi grad_theta log pi^T A]`` absent from the paper's expansion.
+    """
+
+    PAPER = "paper"
+    DETACHED = "detached"
+
+
+@dataclass(frozen=True)
+class MetaProblem:
+    """A bilevel problem: three pure functions in which ``eta`` enters by keyword.
+
+    ``prepare(batch, *, eta_reward, theta_old, eta_policy_old) -> dict``
+        Per-round data computed once per round from the round's batch: the intrinsic
+        advantages (``eta_reward``, the Eq 13 path) and the ratio's denominator
+        ``log pi_{theta_old, eta_policy_old}`` (its graph is set by :class:`InnerSurrogate`).
+        Every returned tensor has the minibatch index as its leading dimension.
+    ``inner_loss(theta, minibatch, *, eta_policy) -> Tensor``
+        The inner (policy-round) loss on one minibatch of ``prepare``'s output; ``eta_policy``
+        is the policy's conditioning (the Eq 12 path).
+    ``outer_loss(theta, batch, *, eta_policy, theta_den, eta_den) -> Tensor``
+        The outer (validation-round) loss ``L_out = -J_ex`` on the outer batch;
+        ``eta_policy`` is the Eq 11 path; ``theta_den``/``eta_den`` are detached parameters
+        of the ratio's denominator (Eq 24).
+    """
+
+    prepare: Callable[..., dict[str, Tensor]]
+    inner_loss: Callable[..., Tensor]
+    outer_loss: Callable[..., Tensor]
+    #: Optional ``{name: shape}`` of the expected ``theta`` and ``eta``: when given, the engine
+    #: checks the dicts it is handed against them and names any mismatch.
+    theta_spec: Mapping[str, tuple[int, ...]] | None = None
+    eta_spec: Mapping[str, tuple[int, ...]] | None = None
+
+
+class Round(NamedTuple):
+    """One policy round: its batch and the ordered minibatch index tensors of its steps."""
+
+    batch: Batch
+    minibatches: Sequence[Tensor]
+
+
+class EtaPaths(NamedTuple):
+    """One ``eta`` dict per path through which ``eta`` reaches the outer loss.
+
+    - ``outer``: the policy conditioning in the outer loss (Eq 11);
+    - ``policy``: the policy conditioning inside the last round (numerator and, for
+      ``InnerSurrogate.PAPER``, denominator of the ratio) (Eq 12);
+    - ``reward``: the intrinsic advantages of the last round (Eq 13);
+    - ``early``: everything in the rounds before the last one, i.e. ``theta_k(eta)`` (Eq 14).
+    """
+
+    outer: Params
+    policy: Params
+    reward: Params
+    early: Params
+
+    @classmethod
+    def shared(cls, eta: Params) -> EtaPaths:
+        """The same ``eta`` on every path: gradients of it are total derivatives."""
+        return cls(eta, eta, eta, eta)
+
+    @classmethod
+    def leaves(cls, eta: Mapping[str, Tensor]) -> EtaPaths:
+        """Four independent leaf copies of ``eta``, one per path (for the term split)."""
+
+        def leaf() -> Params:
+            return {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
+
+        return cls(leaf(), leaf(), leaf(), leaf())
+
+
+class Anchor(NamedTuple):
+    """The point ``eta_i`` at which the stop-gradient quantities are frozen.
+
+    Detached denominators (Eq 24's ``pi_{theta_k, eta_i}``, and the inner ratio's for
+    ``InnerSurrogate.DETACHED``) are *constants*: values at ``eta_i``, not functions of the
+    ``eta`` being differentiated. Autograd gets this right by detaching; a finite-difference
+    check must hold them fixed explicitly, which is what an anchor is for
+    (:func:`anchor_at`).
+    """
+
+    eta: Params
+    round_starts: list[Params]
+    theta_next: Params
+
+
+class UnrollResult(NamedTuple):
+    """Output of :func:`unroll`: final parameters, optimizer state, and round starts."""
+
+    theta: Params
+    opt_state: Any
+    round_starts: list[Params]
+
+
+def _detached(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _take(data: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def inner_step(
+    problem: MetaProblem,
+    tx: torchopt.base.GradientTransformation,
+    theta: Params,
+    opt_state: Any,
+    minibatch: Mapping[str, Tensor],
+    eta_policy: Params,
+    create_graph: bool,
+) -> tuple[Params, Any]:
+    """One differentiable TorchOpt step ``theta_j -> theta_{j+1}`` on one minibatch."""
+    loss = problem.inner_loss(theta, minibatch, eta_policy=eta_policy)
+    names = list(theta)
+    grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=create_graph)
+    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=theta, inplace=False)
+    return torchopt.apply_updates(theta, updates, inplace=False), opt_state
+
+
+def prepare_round(
+    problem: MetaProblem,
+    batch: Batch,
+    theta_k: Params,
+    eta_policy: Params,
+    eta_reward: Params,
+    surrogate: InnerSurrogate,
+    frozen: tuple[Params, Params] | None = None,
+) -> dict[str, Tensor]:
+    """Per-round data; the denominator follows ``theta_k, eta`` only for ``PAPER``.
+
+    For ``DETACHED`` the denominator uses ``frozen = (theta_k, eta)`` at the anchor if given,
+    else the detached current values (equal at the anchor).
+    """
+    if surrogate is InnerSurrogate.DETACHED:
+        theta_old, eta_old = frozen or (_detached(theta_k), _detached(eta_policy))
+    else:
+        theta_old, eta_old = theta_k, eta_policy
+    return problem.prepare(
+        batch, eta_reward=eta_reward, theta_old=theta_old, eta_policy_old=eta_old
+    )
+
+
+def unroll(
+    problem: MetaProblem,
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    paths: EtaPaths,
+    rounds: Sequence[Round],
+    opt_state: Any = None,
+    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    create_graph: bool = True,
+    anchor: Anchor | None = None,
+) -> UnrollResult:
+    """Run ``R = len(rounds)`` policy rounds as differentiable TorchOpt updates.
+
+    ``theta`` is detached first (the meta-gradient is w.r.t. ``eta`` only); ``opt_state``
+    defaults to ``tx.init(theta)``. Rounds before the last read ``paths.early``; the last
+    reads ``paths.policy`` and ``paths.reward``. ``anchor`` freezes the detached
+    denominators at another point (see :class:`Anchor`).
+    """
+    theta_j: Params = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    state = tx.init(theta_j) if opt_state is None else opt_state
+    starts: list[Params] = []
+    for r, rnd in enumerate(rounds):
+        last = r == len(rounds) - 1
+        eta_pol = paths.policy if last else paths.early
+        eta_rew = paths.reward if last else paths.early
+        starts.append(theta_j)
+        frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
+        data = prepare_round(problem, rnd.batch, theta_j, eta_pol, eta_rew, surrogate, frozen)
+        # The inner gradient must not flow into the denominator computed from theta_k:
+        # give the first step its own node, equal in value.
+        theta_j = {k: v.view_as(v) for k, v in theta_j.items()}
+        for idx in rnd.minibatches:
+            theta_j, state = inner_step(
+                problem, tx, theta_j, state, _take(data, idx), eta_pol, create_graph
+            )
+    return UnrollResult(theta_j, state, starts)
+
+
+def outer_loss_at(
+    problem: MetaProblem,
+    theta_next: Params,
+    eta_outer: Params,
+    outer_batch: Batch,
+    theta_den: Mapping[str, Tensor],
+    eta_den: Mapping[str, Tensor],
+) -> Tensor:
+    """The validation-round loss (Eq 24) with a detached denominator."""
+    return problem.outer_loss(
+        theta_next,
+        outer_batch,
+        eta_policy=eta_outer,
+        theta_den=_detached(theta_den),
+        eta_den=_detached(eta_den),
+    )
+
+
+def meta_objective(
+    problem: MetaProblem,
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    paths: EtaPaths,
+    rounds: Sequence[Round],
+    outer_batch: Batch,
+    opt_state: Any = None,
+    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    denominator: str = "theta_k",
+    anchor: Anchor | None = None,
+) -> Tensor:
+    """``L_out(theta_{k+1}(eta), eta)``: the outer loss after the unrolled rounds.
+
+    ``denominator="theta_k"`` uses ``pi_{theta_k, eta_i}`` in the outer ratio, as the paper
+    does (``theta_k`` = start of the last round); ``"theta_k+1"`` uses the "technically
+    correct" ``pi_{theta_{k+1}, eta_i}``. Both are constants: taken at ``anchor`` if given,
+    else at the current point (detached).
+    """
+    res = unroll(problem, tx, theta, paths, rounds, opt_state, surrogate, anchor=anchor)
+    if anchor is None:
+        starts, nxt, eta_den = res.round_starts, res.theta, paths.outer
+    else:
+        starts, nxt, eta_den = anchor.round_starts, anchor.theta_next, anchor.eta
+    theta_den = starts[-1] if denominator == "theta_k" else nxt
+    return outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta_den)
+
+
+def anchor_at(
+    problem: MetaProblem,
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    rounds: Sequence[Round],
+    opt_state: Any = None,
+    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+) -> Anchor:
+    """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll."""
+    eta_c = _detached(eta)
+    res = unroll(problem, tx, theta, EtaPaths.shared(eta_c), rounds, opt_state, surrogate,
+                 create_graph=False)
+    return Anchor(eta_c, [_detached(s) for s in res.round_starts], _detached(res.theta))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_params(
+    name: str, params: Any, reference: Mapping[str, tuple[int, ...]] | None = None
+) -> None:
+    """A dict of floating tensors; with ``reference`` (name -> shape), the same names and shapes."""
+    if not isinstance(params, Mapping) or len(params) == 0:
+        raise ConfigError(f"{name} must be a non-empty dict of tensors, got {type(params).__name__}")
+    for k, v in params.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise ConfigError(f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}")
+    if reference is None:
+        return
+    missing = sorted(set(reference) - set(params))
+    extra = sorted(set(params) - set(reference))
+    if missing or extra:
+        raise ConfigError(
+            f"{name} names do not match: missing {missing}, unexpected {extra}; "
+            f"expected {sorted(reference)}"
+        )
+    for k, v in params.items():
+        if tuple(v.shape) != tuple(reference[k]):
+            raise ConfigError(
+                f"{name}[{k!r}] has shape {tuple(v.shape)}, expected {tuple(reference[k])}"
+            )
+
+
+def check_batch(name: str, batch: Any) -> None:
+    """A non-empty dict of tensors with no NaN or inf."""
+    if not isinstance(batch, Mapping) or len(batch) == 0:
+        raise ConfigError(f"{name} must be a non-empty dict of tensors, got {batch!r:.80}")
+    for k, v in batch.items():
+        if not isinstance(v, Tensor):
+            raise ConfigError(f"{name}[{k!r}] must be a tensor, got {type(v).__name__}")
+        if v.numel() == 0:
+            raise ConfigError(f"{name}[{k!r}] is empty (shape {tuple(v.shape)}): expected data")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise ConfigError(f"{name}[{k!r}] has {n_bad} NaN/inf values: expected finite data")
+
+
+def check_optimizer(tx: Any) -> None:
+    """A TorchOpt ``GradientTransformation`` (``torchopt.sgd``, ``torchopt.adam``, ...)."""
+    if not isinstance(tx, torchopt.base.GradientTransformation):
+        raise ConfigError(
+            f"optimizer {type(tx).__name__} is not a TorchOpt GradientTransformation: "
+            "expected e.g. torchopt.sgd(lr) or torchopt.adam(lr) (not a torch.optim optimizer)"
+        )
+
+
+def check_rounds(rounds: Any) -> None:
+    """At least one round, each with at least one non-empty minibatch."""
+    if not isinstance(rounds, Sequence) or len(rounds) == 0:
+        raise ConfigError("rounds is empty: expected at least one Round(batch, minibatches)")
+    for r, rnd in enumerate(rounds):
+        if not isinstance(rnd, Round):
+            raise ConfigError(f"rounds[{r}] is a {type(rnd).__name__}: expected a Round")
+        check_batch(f"rounds[{r}].batch", rnd.batch)
+        if len(rnd.minibatches) == 0:
+            raise ConfigError(f"rounds[{r}] has no minibatches: expected at least one step")
+        for j, idx in enumerate(rnd.minibatches):
+            if idx.numel() == 0:
+                raise ConfigError(f"rounds[{r}].minibatches[{j}] is empty: expected indices")
+
+
+def minibatch_indices(
+    n: int, epochs: int, num_minibatches: int, generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """PPO's schedule: ``epochs`` shuffles of ``range(n)`` cut into ``num_minibatches``."""
+    if n <= 0 or epochs <= 0 or num_minibatches <= 0 or num_minibatches > n:
+        raise ConfigError(
+            f"cannot cut {n} samples into {num_minibatches} minibatches for {epochs} epochs: "
+            "expected n >= num_minibatches >= 1 and epochs >= 1"
+        )
+    size = math.ceil(n / num_minibatches)
+    out = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        out += [perm[s : s + size] for s in range(0, n, size)]
+    return out
