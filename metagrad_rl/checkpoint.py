@@ -1,0 +1,141 @@
+"""Atomic files: checkpoints, JSON results and whole-row CSV appends.
+
+A file is either absent, its old version, or complete: writers go to a temporary file in the
+same directory, ``fsync`` it and ``os.replace`` it over the target. Checkpoints hold tensors,
+numbers, strings, lists and dicts only (RNG states as JSON strings, the config as a dict), so
+they load with ``torch.load(weights_only=True)``, which never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from metagrad_rl.errors import ConfigError
+
+CHECKPOINT_FORMAT = 1
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers never see a partial file."""
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    _atomic_write(Path(path), write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Saves ``payload`` (tensors and plain data only) atomically with ``torch.save``."""
+    full = {"format": CHECKPOINT_FORMAT, **payload}
+    _atomic_write(Path(path), lambda f: torch.save(full, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint safely; a missing or corrupt file is a one-line :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist: expected a checkpoint.pt file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means the file is not ours or is damaged
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"checkpoint {str(p)!r} is corrupt or not a metagrad_rl checkpoint ({reason[:120]})"
+        ) from err
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"checkpoint {str(p)!r} is not a metagrad_rl checkpoint: expected format "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    return obj
+
+
+class CsvLog:
+    """An append-only CSV whose rows are written whole (one ``write`` + ``fsync`` per row).
+
+    The header is fixed by the first row. Opening an existing log for a resumed run first
+    drops rows past ``keep_until_step`` (written after the checkpoint being resumed), atomically.
+    """
+
+    def __init__(
+        self, path: str | Path, step_key: str = "global_step", keep_until_step: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.step_key = step_key
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+                fields = list(rows[0].keys()) if rows else None
+            if fields and keep_until_step is not None:
+                kept = [r for r in rows if int(float(r[step_key])) <= keep_until_step]
+                atomic_write_bytes(self.path, _csv_text(fields, kept, header=True).encode())
+            self.fields = fields
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        header = self.fields is None
+        if self.fields is None:
+            self.fields = list(row.keys())
+        text = _csv_text(self.fields, [row], header=header)
+        with open(self.path, "a", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _csv_text(fields: Sequence[str], rows: Sequence[Mapping[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    if header:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """All rows of a CSV log as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,260 @@
+"""Collecting experience: ``T`` steps of ``N`` envs into a time-major :class:`Batch`.
+
+Per-step policy inference dominates PPO's wall time on MuJoCo (an env step costs ~100 us, a
+small torch forward about as much again). The collector therefore samples actions from a
+float32 numpy copy of the policy (:class:`NumpyPolicy`, refreshed once per rollout, exact up to
+float rounding) and computes ``logp``, ``V(s_t)`` and ``V(s_{t+1})`` afterwards in one batched
+torch call each. Gradients never flow into a rollout: every tensor of a :class:`Batch` is data.
+
+Termination and truncation (see :mod:`metagrad_rl.advantages`): ``next_obs_t`` is the real
+``s_{t+1}`` -- the final observation of the episode when it ended at ``t`` -- so
+``next_values_t = V(s_{t+1})`` bootstraps a truncated episode correctly, while
+``terminated_t`` zeroes it for a terminal one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_log_prob
+
+
+class Batch(NamedTuple):
+    """One rollout, time-major: ``[T, N, ...]`` for ``T`` steps of ``N`` env copies.
+
+    Observations are normalised (as the policy saw them); ``r_ex`` is the scaled extrinsic
+    reward PPO trains on, ``r_raw`` the environment's own reward.
+    """
+
+    obs: Tensor  #: ``[T, N, obs_dim]`` float32, ``s_t``
+    act: Tensor  #: ``[T, N, act_dim]`` float32, ``a_t`` as sampled (before action clipping)
+    logp: Tensor  #: ``[T, N]`` ``log pi(a_t | s_t)`` of the policy that collected the batch
+    r_ex: Tensor  #: ``[T, N]`` scaled extrinsic reward ``r_t``
+    r_raw: Tensor  #: ``[T, N]`` unscaled environment reward
+    next_obs: Tensor  #: ``[T, N, obs_dim]`` ``s_{t+1}``; the real final obs when the episode ended
+    terminated: Tensor  #: ``[T, N]`` bool, ``s_{t+1}`` is terminal (no bootstrap)
+    episode_end: Tensor  #: ``[T, N]`` bool, the episode ended at ``t`` (terminated or truncated)
+    values: Tensor  #: ``[T, N]`` ``V(s_t)`` of the critic passed to :func:`collect_rollout`
+    next_values: Tensor  #: ``[T, N]`` ``V(s_{t+1})`` of that critic (real final obs at an end)
+
+
+class EpisodeStats(NamedTuple):
+    """Episodes finished during a rollout: raw (unscaled) extrinsic returns and lengths."""
+
+    returns: list[float]
+    lengths: list[int]
+
+
+class Rollout(NamedTuple):
+    batch: Batch
+    episodes: EpisodeStats
+
+
+class NumpyPolicy:
+    """A float32 numpy copy of :class:`GaussianPolicy`'s mean and std for per-step sampling.
+
+    With CLN the conditioning ``cond`` is fixed during a rollout, so the gain ``f_c(eta)`` and
+    bias ``h_c(eta)`` are evaluated once here and the norm becomes a LayerNorm.
+    """
+
+    def __init__(
+        self, policy: GaussianPolicy, theta: Mapping[str, Tensor], cond: Tensor | None = None
+    ) -> None:
+        def arr(t: Tensor) -> np.ndarray:
+            return t.detach().to(torch.float32).cpu().numpy().copy()
+
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
+        for idx, m in enumerate(policy.body):
+            if isinstance(m, nn.Linear):
+                w, b = theta[f"body.{idx}.weight"], theta[f"body.{idx}.bias"]
+                self.layers.append((arr(w).T.copy(), arr(b)))
+            elif not isinstance(m, nn.Tanh):  # pragma: no cover - guards future layouts
+                raise TypeError(f"NumpyPolicy cannot mirror layer {m!r}")
+        self.last = (arr(theta["last.weight"]).T.copy(), arr(theta["last.bias"]))
+        self.norm: tuple[np.ndarray, np.ndarray, float] | None = None
+        with torch.no_grad():
+            if policy.conditioning == "cln":
+                if cond is None:
+                    raise ConfigError("a CLN policy needs cond=cln_condition(eta)")
+                c = cond.detach().to(theta["norm.gain_map.weight"].dtype)
+                g = theta["norm.gain_map.weight"] @ c + theta["norm.gain_map.bias"]
+                b = theta["norm.bias_map.weight"] @ c + theta["norm.bias_map.bias"]
+                eps = float(policy.norm.eps)  # type: ignore[arg-type]
+                self.norm = (arr(g), arr(b), eps)
+            elif policy.conditioning == "layernorm":
+                eps = float(policy.norm.eps)  # type: ignore[arg-type]
+                self.norm = (arr(theta["norm.weight"]), arr(theta["norm.bias"]), eps)
+        self.mean_w = arr(theta["mean.weight"]).T.copy()
+        self.mean_b = arr(theta["mean.bias"])
+        self.std = np.exp(arr(theta["log_std"]))
+
+    def mean(self, obs: np.ndarray) -> np.ndarray:
+        """The action mean ``mu(s)`` for a batch ``[B, obs_dim]`` of float32 observations."""
+        h = obs
+        for w, b in self.layers:
+            h = np.tanh(h @ w + b)
+        h = h @ self.last[0] + self.last[1]
+        if self.norm is not None:
+            g, b, eps = self.norm
+            mu = h.mean(axis=-1, keepdims=True)
+            d = h - mu
+            var = (d * d).mean(axis=-1, keepdims=True)
+            h = d / np.sqrt(var + eps) * g + b
+        return np.tanh(h) @ self.mean_w + self.mean_b
+
+
+class Collector:
+    """Owns the envs, the normalisers and everything a rollout carries over to the next one.
+
+    That state -- current observations, partial episode returns, the action-noise RNG, the
+    normalisers' statistics and the envs' own state -- is what :meth:`state_dict` saves, so a
+    resumed run continues exactly (for MuJoCo envs; see :meth:`VecEnv.get_state`).
+    """
+
+    def __init__(
+        self, envs: VecEnv, obs_norm: ObsNormalizer, rew_scaler: RewardScaler, seed: int
+    ) -> None:
+        self.envs = envs
+        self.obs_norm = obs_norm
+        self.rew_scaler = rew_scaler
+        self.rng = np.random.default_rng(seed)
+        n = envs.num_envs
+        self.ep_return = np.zeros(n)
+        self.ep_len = np.zeros(n, dtype=np.int64)
+        self.obs = self.obs_norm(envs.reset())
+
+    def collect(self, policy_np: NumpyPolicy, num_steps: int) -> tuple[dict, EpisodeStats]:
+        """Steps ``num_steps`` times; returns numpy buffers and the finished episodes."""
+        envs, n = self.envs, self.envs.num_envs
+        obs_buf = np.empty((num_steps, n, envs.obs_dim), dtype=np.float32)
+        next_buf = np.empty_like(obs_buf)
+        act_buf = np.empty((num_steps, n, envs.act_dim), dtype=np.float32)
+        r_buf = np.empty((num_steps, n), dtype=np.float32)
+        raw_buf = np.empty((num_steps, n), dtype=np.float32)
+        term_buf = np.empty((num_steps, n), dtype=bool)
+        end_buf = np.empty((num_steps, n), dtype=bool)
+        ep_returns: list[float] = []
+        ep_lengths: list[int] = []
+        std = policy_np.std
+        obs = self.obs
+        for t in range(num_steps):
+            act = policy_np.mean(obs) + std * self.rng.standard_normal((n, envs.act_dim))
+            obs_buf[t] = obs
+            act_buf[t] = act
+            raw_next, reward, term, trunc, final = envs.step(act)
+            done = term | trunc
+            raw_buf[t] = reward
+            r_buf[t] = self.rew_scaler(reward, done)
+            term_buf[t] = term
+            end_buf[t] = done
+            obs = self.obs_norm(raw_next)
+            next_buf[t] = obs
+            self.ep_return += reward
+            self.ep_len += 1
+            if done.any():
+                next_buf[t, done] = self.obs_norm(final[done], update=False)
+                for i in np.flatnonzero(done):
+                    ep_returns.append(float(self.ep_return[i]))
+                    ep_lengths.append(int(self.ep_len[i]))
+                self.ep_return[done] = 0.0
+                self.ep_len[done] = 0
+        self.obs = obs
+        bufs = dict(
+            obs=obs_buf,
+            act=act_buf,
+            r_ex=r_buf,
+            r_raw=raw_buf,
+            next_obs=next_buf,
+            terminated=term_buf,
+            episode_end=end_buf,
+        )
+        return bufs, EpisodeStats(ep_returns, ep_lengths)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "obs": torch.from_numpy(self.obs.copy()),
+            "ep_return": torch.from_numpy(self.ep_return.copy()),
+            "ep_len": torch.from_numpy(self.ep_len.copy()),
+            "obs_norm": self.obs_norm.state_dict(),
+            "rew_scaler": self.rew_scaler.state_dict(),
+            "envs": self.envs.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restores :meth:`state_dict`; returns whether the envs were restored exactly."""
+        self.obs_norm.load_state_dict(state["obs_norm"])
+        self.rew_scaler.load_state_dict(state["rew_scaler"])
+        exact = self.envs.set_state(state["envs"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self.ep_return = state["ep_return"].numpy().copy()
+        self.ep_len = state["ep_len"].numpy().copy()
+        if exact:
+            self.obs = state["obs"].numpy().copy()
+        else:  # episodes restart: the saved observation belongs to a lost env state
+            self.obs = self.obs_norm(self.envs.reset(), update=False)
+            self.ep_return[:] = 0.0
+            self.ep_len[:] = 0
+        return exact
+
+
+def policy_outputs(
+    policy: GaussianPolicy, theta: Mapping[str, Tensor], obs: Tensor, cond: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(mean, log_std)`` of ``pi_theta`` at ``obs`` (``cond`` only for a CLN policy)."""
+    c = cond if policy.conditioning == "cln" else None
+    return functional_call(policy, dict(theta), (obs, c))
+
+
+def critic_values(critic: Critic, params: Mapping[str, Tensor], obs: Tensor) -> Tensor:
+    """``V(obs)`` for any leading shape, as a pure function of the critic's ``params``."""
+    return functional_call(critic, dict(params), (obs,))
+
+
+def collect_rollout(
+    collector: Collector,
+    policy: GaussianPolicy,
+    theta: Mapping[str, Tensor],
+    critic: Critic,
+    critic_params: Mapping[str, Tensor],
+    num_steps: int,
+    cond: Tensor | None = None,
+) -> Rollout:
+    """Samples ``num_steps`` steps from ``pi_{theta}`` (CLN-conditioned on ``cond`` if given).
+
+    ``cond`` is ``cln_condition(eta)`` for a CLN policy (treated as data here) and ``None``
+    otherwise. ``logp``, ``values`` and ``next_values`` are computed in batch afterwards,
+    without gradient.
+    """
+    if num_steps <= 0:
+        raise ConfigError(f"num_steps={num_steps!r} is invalid: expected a positive int")
+    cond_d = cond.detach() if cond is not None else None
+    bufs, episodes = collector.collect(NumpyPolicy(policy, theta, cond_d), num_steps)
+    t = {k: torch.from_numpy(v) for k, v in bufs.items()}
+    with torch.no_grad():
+        mean, log_std = policy_outputs(policy, theta, t["obs"], cond_d)
+        logp = gaussian_log_prob(mean, log_std, t["act"])
+        values = critic_values(critic, critic_params, t["obs"])
+        next_values = critic_values(critic, critic_params, t["next_obs"])
+    batch = Batch(
+        obs=t["obs"],
+        act=t["act"],
+        logp=logp,
+        r_ex=t["r_ex"],
+        r_raw=t["r_raw"],
+        next_obs=t["next_obs"],
+        terminated=t["terminated"],
+        episode_end=t["episode_end"],
+        values=values,
+        next_values=next_values,
+    )
+    return Rollout(batch, episodes)

@@ -1,0 +1,315 @@
+"""Pieces every trainer shares: flat parameters, PPO's loss and update, envs, run bookkeeping.
+
+The CLN and LIRPG trainers reuse these around their own meta-level step:
+
+- :class:`FlatParams` -- several modules' parameters as views of one flat leaf tensor, so that
+  gradient clipping and Adam run on a single tensor (fast on CPU) while networks still receive
+  the ``{name: tensor}`` dicts that :func:`torch.func.functional_call` expects.
+- :func:`make_collector` -- seeded envs with the observation/reward normalisers.
+- :func:`ppo_loss` / :func:`ppo_update` -- PPO-clip with a TorchOpt optimizer applied
+  functionally (``tx.update`` then ``torchopt.apply_updates``).
+- :func:`make_optimizer` -- ``clip_grad_norm`` then Adam with a linearly annealed step size.
+- :func:`optimizer_state_to_list` / :func:`optimizer_state_from_list` -- checkpointing.
+- :func:`policy_snapshot` -- what ``metagrad-rl evaluate`` needs to rebuild a policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torchopt
+from torch import Tensor
+
+from metagrad_rl.advantages import normalize
+from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_entropy, gaussian_log_prob
+from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
+from metagrad_rl.rollout import Batch, Collector, critic_values, policy_outputs
+
+Params = dict[str, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+class FlatParams:
+    """Named parameter groups stored as views of one flat leaf tensor ``flat``.
+
+    ``FlatParams({"theta": params_of(policy), "critic": params_of(critic)})`` copies the
+    tensors; :meth:`views` returns ``{"theta": {...}, "critic": {...}}`` whose tensors are views
+    of ``flat`` (gradients reach ``flat``; in-place updates of ``flat`` show through).
+    """
+
+    def __init__(self, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
+        self.spec: list[tuple[str, str, torch.Size, int, int]] = []
+        chunks = []
+        offset = 0
+        for g, params in groups.items():
+            for name, p in params.items():
+                n = p.numel()
+                self.spec.append((g, name, p.shape, offset, n))
+                chunks.append(p.detach().reshape(-1))
+                offset += n
+        self.flat = torch.cat(chunks).clone().requires_grad_(True)
+
+    def views(self, flat: Tensor | None = None) -> dict[str, Params]:
+        """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`)."""
+        f = self.flat if flat is None else flat
+        out: dict[str, Params] = {}
+        for g, name, shape, off, n in self.spec:
+            out.setdefault(g, {})[name] = f[off : off + n].view(shape)
+        return out
+
+    def state_dict(self) -> dict[str, Params]:
+        """Detached copies of every group, keyed as the modules key them."""
+        return {g: {k: v.detach().clone() for k, v in p.items()} for g, p in self.views().items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        with torch.no_grad():
+            for g, name, shape, off, n in self.spec:
+                t = state.get(g, {}).get(name)
+                if t is None or tuple(t.shape) != tuple(shape):
+                    got = None if t is None else tuple(t.shape)
+                    raise ConfigError(
+                        f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
+                    )
+                self.flat[off : off + n] = t.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+def make_collector(
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    gamma: float,
+    normalize_obs: bool = True,
+    normalize_reward: bool = True,
+    clip_obs: float = 10.0,
+    clip_reward: float = 10.0,
+    max_episode_steps: int | None = None,
+) -> Collector:
+    """``num_envs`` copies of ``env_id`` (copy ``i`` seeded ``seed + i``) with PPO's normalisers.
+
+    The action noise is seeded from ``seed`` too (a separate stream).
+    """
+    envs = VecEnv(env_id, num_envs, seed, max_episode_steps)
+    obs_norm = ObsNormalizer(envs.obs_dim, clip=clip_obs, enabled=normalize_obs)
+    rew_scaler = RewardScaler(num_envs, gamma, clip=clip_reward, enabled=normalize_reward)
+    return Collector(envs, obs_norm, rew_scaler, seed=seed + 1_000_003)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO loss and update
+# ---------------------------------------------------------------------------------------------
+class Minibatch(NamedTuple):
+    """Flat (``[B, ...]``) PPO training data; everything is a constant of the loss."""
+
+    obs: Tensor
+    act: Tensor
+    old_logp: Tensor
+    adv: Tensor
+    returns: Tensor
+    old_values: Tensor
+
+
+class PPOCoefs(NamedTuple):
+    """Loss coefficients (CleanRL names): clip, clipped value loss, entropy, value, adv norm."""
+
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    norm_adv: bool = True
+
+
+def ppo_loss(
+    policy: GaussianPolicy,
+    critic: Critic,
+    theta: Mapping[str, Tensor],
+    critic_params: Mapping[str, Tensor],
+    mb: Minibatch,
+    coefs: PPOCoefs,
+    cond: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L = L_clip + vf_coef L_V - ent_coef H`` on one minibatch; returns ``(L, aux)``.
+
+    Advantages are normalised per minibatch when ``coefs.norm_adv``. ``aux`` holds detached
+    diagnostics (``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clip_frac``).
+    """
+    mean, log_std = policy_outputs(policy, theta, mb.obs, cond)
+    logp = gaussian_log_prob(mean, log_std, mb.act)
+    adv = normalize(mb.adv) if coefs.norm_adv else mb.adv
+    pg_loss = clipped_surrogate_loss(logp, mb.old_logp, adv, coefs.clip_coef)
+    values = critic_values(critic, critic_params, mb.obs)
+    v_clip = coefs.clip_coef if coefs.clip_vloss else None
+    v_loss = value_loss(values, mb.returns, mb.old_values, v_clip)
+    entropy = gaussian_entropy(log_std)
+    loss = pg_loss + coefs.vf_coef * v_loss - coefs.ent_coef * entropy
+    stats = surrogate_stats(logp, mb.old_logp, coefs.clip_coef)
+    aux = {
+        "pg_loss": pg_loss.detach(),
+        "v_loss": v_loss.detach(),
+        "entropy": entropy.detach(),
+        "approx_kl": stats.approx_kl,
+        "clip_frac": stats.clip_fraction,
+    }
+    return loss, aux
+
+
+def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:
+    """Merges the time and env axes of a rollout into PPO's ``[T*N, ...]`` training data."""
+    n = batch.logp.numel()
+    return Minibatch(
+        obs=batch.obs.reshape(n, -1),
+        act=batch.act.reshape(n, -1),
+        old_logp=batch.logp.reshape(n),
+        adv=adv.reshape(n).detach(),
+        returns=returns.reshape(n).detach(),
+        old_values=batch.values.reshape(n),
+    )
+
+
+def minibatch_indices(
+    batch_size: int, num_minibatches: int, rng: np.random.Generator
+) -> list[Tensor]:
+    """A fresh permutation cut into ``num_minibatches`` index tensors (CleanRL's slicing)."""
+    mb_size = batch_size // num_minibatches
+    perm = torch.from_numpy(rng.permutation(batch_size))
+    return [perm[s : s + mb_size] for s in range(0, batch_size, mb_size)]
+
+
+def ppo_update(
+    policy: GaussianPolicy,
+    critic: Critic,
+    params: FlatParams,
+    tx: torchopt.base.GradientTransformation,
+    opt_state: Any,
+    data: Minibatch,
+    coefs: PPOCoefs,
+    epochs: int,
+    num_minibatches: int,
+    rng: np.random.Generator,
+    cond: Tensor | None = None,
+    theta_key: str = "theta",
+    critic_key: str = "critic",
+) -> tuple[Any, dict[str, float]]:
+    """``epochs`` passes of minibatch PPO over ``data``; updates ``params.flat`` in place.
+
+    Each step: ``g = d L / d flat``; ``updates, state = tx.update(g, state, inplace=True)``;
+    ``torchopt.apply_updates(flat, updates, inplace=True)``. Returns the new optimizer state and
+    the mean of each diagnostic over all steps.
+    """
+    sums: dict[str, float] = {}
+    count = 0
+    b = data.obs.shape[0]
+    for _ in range(epochs):
+        for idx in minibatch_indices(b, num_minibatches, rng):
+            mb = Minibatch(*(x[idx] for x in data))
+            views = params.views()
+            loss, aux = ppo_loss(
+                policy, critic, views[theta_key], views[critic_key], mb, coefs, cond
+            )
+            (grad,) = torch.autograd.grad(loss, params.flat)
+            updates, opt_state = tx.update((grad,), opt_state, params=(params.flat,), inplace=True)
+            torchopt.apply_updates((params.flat,), updates, inplace=True)
+            for k, v in aux.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+    return opt_state, {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> float:
+    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant)."""
+    var = float(target.var())
+    return float("nan") if var == 0.0 else 1.0 - float((target - pred).var()) / var
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------
+def linear_schedule(
+    lr: float, updates_per_iteration: int, num_iterations: int, anneal: bool
+) -> Callable[[Any], Any]:
+    """CleanRL's annealing: during iteration ``i`` (0-based) ``lr_i = lr (1 - i / num_iter)``."""
+
+    def schedule(count: Any) -> Any:
+        if not anneal:
+            return lr
+        it = count // updates_per_iteration
+        return lr * (1.0 - it / num_iterations)
+
+    return schedule
+
+
+def make_optimizer(
+    lr: float,
+    updates_per_iteration: int,
+    num_iterations: int,
+    anneal_lr: bool = True,
+    max_grad_norm: float | None = 0.5,
+    eps: float = 1e-5,
+) -> torchopt.base.GradientTransformation:
+    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps))`` (TorchOpt, pure Python)."""
+    schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr)
+    adam = torchopt.adam(lr=schedule, eps=eps)
+    if max_grad_norm is None or math.isinf(max_grad_norm):
+        return adam
+    return torchopt.chain(torchopt.clip_grad_norm(max_grad_norm), adam)
+
+
+def optimizer_state_to_list(state: Any) -> list[Tensor]:
+    """The optimizer state's tensors in pytree order (plain data for a checkpoint)."""
+    leaves, _ = torchopt.pytree.tree_flatten(state)
+    return [x.detach().clone() if isinstance(x, Tensor) else torch.tensor(x) for x in leaves]
+
+
+def optimizer_state_from_list(template: Any, leaves: list[Tensor]) -> Any:
+    """Rebuilds a state shaped like ``template`` (a fresh ``tx.init``) from saved tensors."""
+    tmpl_leaves, treedef = torchopt.pytree.tree_flatten(template)
+    if len(tmpl_leaves) != len(leaves):
+        raise ConfigError(
+            f"checkpoint optimizer state has {len(leaves)} tensors: expected {len(tmpl_leaves)}"
+        )
+    return torchopt.pytree.tree_unflatten(treedef, [t.clone() for t in leaves])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint pieces
+# ---------------------------------------------------------------------------------------------
+def policy_snapshot(
+    env_id: str,
+    policy: GaussianPolicy,
+    theta: Mapping[str, Tensor],
+    obs_norm: ObsNormalizer,
+    hidden: tuple[int, ...],
+    cond: Tensor | None = None,
+) -> dict[str, Any]:
+    """Everything ``metagrad-rl evaluate`` needs to rebuild and run the policy."""
+    return {
+        "env_id": env_id,
+        "obs_dim": int(obs_norm.rms.mean.shape[0]),
+        "act_dim": int(policy.log_std.numel()),
+        "hidden": list(hidden),
+        "conditioning": policy.conditioning,
+        "cond": None if cond is None else cond.detach().clone(),
+        "theta": {k: v.detach().clone() for k, v in theta.items()},
+        "obs_norm": obs_norm.state_dict(),
+        "obs_norm_enabled": bool(obs_norm.enabled),
+        "obs_clip": float(obs_norm.clip),
+    }
+
+
+def rng_state(rng: np.random.Generator) -> str:
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng: np.random.Generator, state: str) -> None:
+    rng.bit_generator.state = json.loads(state)
