@@ -32,9 +32,9 @@ def gae(
     gamma: float,
     lam: float,
 ) -> Tensor:
-    """Generalized advantage estimation.
+    r"""Generalized advantage estimation.
 
-    .. math:: A_t = \\delta_t + \\gamma\\lambda (1 - \\mathrm{end}_t) A_{t+1}
+    .. math:: A_t = \delta_t + \gamma\lambda (1 - \mathrm{end}_t) A_{t+1}
 
     The recursion starts from ``A_T = 0`` (the last step of the batch is bootstrapped through
     ``next_values`` alone). Returns a tensor shaped like ``rewards``.

@@ -1,4 +1,4 @@
-"""Eq 11-14 as the paper writes them, for SGD inner steps, with ``torch.func`` -- matrix-free.
+r"""Eq 11-14 as the paper writes them, for SGD inner steps, with ``torch.func`` -- matrix-free.
 
 This is the *independent* computation the autograd terms of :mod:`metagrad_rl.metagrad` are
 checked against. For SGD, ``theta_{j+1} = theta_j - alpha grad_theta L_in(theta_j, ...)``, and
@@ -6,15 +6,15 @@ with ``L_in = -E[ratio A^IN]`` the paper's one-step terms read
 
 .. math::
 
-    \\text{Eq 12} = \\frac{\\partial L_{out}}{\\partial \\theta_{k+1}}
-        \\Big(-\\alpha\\,\\frac{\\partial^2 L_{in}}{\\partial\\theta\\,\\partial\\eta}\\Big)
-        = \\frac{\\partial L_{out}}{\\partial \\theta_{k+1}}
-        \\Big(\\alpha\\,\\mathbb{E}\\Big[\\sum_t \\frac{\\partial^2 \\log\\pi}
-        {\\partial\\theta\\,\\partial\\eta}\\hat A^{IN}_t\\Big]\\Big)
+    \text{Eq 12} = \frac{\partial L_{out}}{\partial \theta_{k+1}}
+        \Big(-\alpha\,\frac{\partial^2 L_{in}}{\partial\theta\,\partial\eta}\Big)
+        = \frac{\partial L_{out}}{\partial \theta_{k+1}}
+        \Big(\alpha\,\mathbb{E}\Big[\sum_t \frac{\partial^2 \log\pi}
+        {\partial\theta\,\partial\eta}\hat A^{IN}_t\Big]\Big)
 
-    \\text{Eq 14} = \\frac{\\partial L_{out}}{\\partial \\theta_{k+1}}
-        \\Big(I + \\alpha\\,\\mathbb{E}\\Big[\\sum_t \\frac{\\partial^2\\log\\pi}{\\partial\\theta^2}
-        \\hat A^{IN}_t\\Big]\\Big)\\frac{d\\theta_k}{d\\eta}
+    \text{Eq 14} = \frac{\partial L_{out}}{\partial \theta_{k+1}}
+        \Big(I + \alpha\,\mathbb{E}\Big[\sum_t \frac{\partial^2\log\pi}{\partial\theta^2}
+        \hat A^{IN}_t\Big]\Big)\frac{d\theta_k}{d\eta}
 
 For many steps and rounds the same products are chained backwards: an adjoint
 ``a_j = dL_out/dtheta_j`` is carried by the ``(I - alpha H_j)`` recursion
@@ -81,10 +81,12 @@ def hessian_vector_product(f: Callable[[Tree], Tensor], theta: Tree, v: Tree) ->
 def _inner_fn(problem: MetaProblem, batch: Batch, idx: Tensor) -> Callable[..., Tensor]:
     """``L_in(theta, theta_old, eta_pol, eta_old, eta_rew)`` on one minibatch."""
 
-    def f(theta: Params, theta_old: Params, eta_pol: Params, eta_old: Params,
-          eta_rew: Params) -> Tensor:
-        data = problem.prepare(batch, eta_reward=eta_rew, theta_old=theta_old,
-                               eta_policy_old=eta_old)
+    def f(
+        theta: Params, theta_old: Params, eta_pol: Params, eta_old: Params, eta_rew: Params
+    ) -> Tensor:
+        data = problem.prepare(
+            batch, eta_reward=eta_rew, theta_old=theta_old, eta_policy_old=eta_old
+        )
         mb = {k: v[idx] for k, v in data.items()}
         return problem.inner_loss(theta, mb, eta_policy=eta_pol)
 
@@ -126,8 +128,9 @@ def explicit_sgd_terms(
 
     # ---- outer loss: Eq 11 and the adjoint dL_out/dtheta_{k+1}
     def outer(theta_: Params, eta_: Params) -> Tensor:
-        return problem.outer_loss(theta_, outer_batch, eta_policy=eta_, theta_den=theta_den,
-                                  eta_den=eta)
+        return problem.outer_loss(
+            theta_, outer_batch, eta_policy=eta_, theta_den=theta_den, eta_den=eta
+        )
 
     a, eq11 = grad(outer, argnums=(0, 1))(theta_next, eta)
     terms = {"eq11": eq11, "eq12": _zeros(eta), "eq13": _zeros(eta), "eq14": _zeros(eta)}

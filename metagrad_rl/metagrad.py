@@ -1,15 +1,15 @@
-"""The exact meta-gradient ``dL_out/deta`` split into the paper's terms (Eq 10-14) and Eq 17.
+r"""The exact meta-gradient ``dL_out/deta`` split into the paper's terms (Eq 10-14) and Eq 17.
 
 With ``L_out = -J_ex`` the outer loss after the unrolled policy rounds (Eq 24) and
 ``theta_{k+1}(eta)`` the result of the inner TorchOpt updates (Eq 23),
 
 .. math::
 
-    \\frac{dL_{out}}{d\\eta} = \\underbrace{\\partial_\\eta L_{out}}_{\\text{Eq 11}}
-      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\eta}^{\\pi}\\theta_{k+1}}_{\\text{Eq 12}}
-      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\eta}^{A}\\theta_{k+1}}_{\\text{Eq 13}}
-      + \\underbrace{\\partial_\\theta L_{out}\\,\\partial_{\\theta_k}\\theta_{k+1}
-        \\frac{d\\theta_k}{d\\eta}}_{\\text{Eq 14}}
+    \frac{dL_{out}}{d\eta} = \underbrace{\partial_\eta L_{out}}_{\text{Eq 11}}
+      + \underbrace{\partial_\theta L_{out}\,\partial_{\eta}^{\pi}\theta_{k+1}}_{\text{Eq 12}}
+      + \underbrace{\partial_\theta L_{out}\,\partial_{\eta}^{A}\theta_{k+1}}_{\text{Eq 13}}
+      + \underbrace{\partial_\theta L_{out}\,\partial_{\theta_k}\theta_{k+1}
+        \frac{d\theta_k}{d\eta}}_{\text{Eq 14}}
 
 Each term is the partial derivative along one *path* of ``eta`` (:class:`EtaPaths`): the engine
 gives every path its own leaf copy of ``eta`` and takes one backward pass, so the terms sum to
@@ -73,9 +73,7 @@ class MetaGradResult(NamedTuple):
 
 def detach_state(state: Any) -> Any:
     """A copy of an optimizer state (any pytree) with every tensor detached."""
-    return torchopt.pytree.tree_map(
-        lambda x: x.detach() if isinstance(x, Tensor) else x, state
-    )
+    return torchopt.pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, state)
 
 
 def flatten(grads: Mapping[str, Tensor]) -> Tensor:
@@ -84,6 +82,8 @@ def flatten(grads: Mapping[str, Tensor]) -> Tensor:
 
 
 def _grads(loss: Tensor, params: Params, retain_graph: bool = False) -> Params:
+    if not loss.requires_grad:  # e.g. Eq 17 of a policy that ignores eta
+        return {n: torch.zeros_like(p) for n, p in params.items()}
     names = list(params)
     gs = torch.autograd.grad(
         loss, [params[n] for n in names], retain_graph=retain_graph, allow_unused=True
@@ -133,10 +133,10 @@ def eq17_gradient(
     theta_den: Mapping[str, Tensor] | None = None,
     eta_den: Mapping[str, Tensor] | None = None,
 ) -> Params:
-    """Eq 16-17, the CLN best-response gradient: ``partial_eta L_out(theta, eta)``, theta fixed.
+    r"""Eq 16-17, the CLN best-response gradient: ``partial_eta L_out(theta, eta)``, theta fixed.
 
-    .. math:: \\frac{dJ}{d\\eta} \\approx \\mathbb{E}_\\tau\\Big[\\sum_t
-              \\frac{\\partial\\log\\pi_{\\theta,\\eta}}{\\partial\\eta}\\hat A^{EX}_\\tau(t)\\Big]
+    .. math:: \frac{dJ}{d\eta} \approx \mathbb{E}_\tau\Big[\sum_t
+              \frac{\partial\log\pi_{\theta,\eta}}{\partial\eta}\hat A^{EX}_\tau(t)\Big]
 
     (returned as the gradient of the loss ``L_out = -J``). ``theta_den``/``eta_den`` give the
     ratio's denominator; by default ``theta`` and ``eta`` themselves (detached).
@@ -196,7 +196,9 @@ def meta_gradient(
     check_rounds(rounds)
     check_batch("outer_batch", outer_batch)
     if opt_state is not None and not isinstance(opt_state, tuple):
-        raise ConfigError(f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)")
+        raise ConfigError(
+            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
+        )
     if denominator not in DENOMINATORS:
         raise ConfigError(f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}")
     try:
@@ -206,12 +208,15 @@ def meta_gradient(
             f"surrogate={surrogate!r} is invalid: expected one of "
             f"{[s.value for s in InnerSurrogate]}"
         ) from None
-    check_unroll_memory(problem, optimizer, theta, eta, rounds, opt_state, surrogate,
-                        memory_budget_bytes)
+    check_unroll_memory(
+        problem, optimizer, theta, eta, rounds, opt_state, surrogate, memory_budget_bytes
+    )
 
     t0 = time.perf_counter()
-    paths = EtaPaths.leaves(eta) if terms else EtaPaths.shared(
-        {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
+    paths = (
+        EtaPaths.leaves(eta)
+        if terms
+        else EtaPaths.shared({k: v.detach().clone().requires_grad_(True) for k, v in eta.items()})
     )
     meter = GraphMemoryMeter(enabled=measure_memory)
     with meter:
@@ -226,9 +231,17 @@ def meta_gradient(
         total = _grads(loss, paths.outer)
         split = {}
     elapsed = time.perf_counter() - t0
+    bad = [k for k, g in total.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise ConfigError(
+            f"the meta-gradient of eta{bad} is not finite: the unroll is not differentiable "
+            "there. With torchopt.adam/rmsprop set eps_root > 0 (e.g. eps_root=1e-8): "
+            "sqrt(v) has no derivative at v = 0, which any exactly-zero gradient entry hits"
+        )
     theta_next = {k: v.detach() for k, v in res.theta.items()}
-    g17 = eq17_gradient(problem, theta_next, eta, outer_batch,
-                        {k: v.detach() for k, v in theta_den.items()}, eta)
+    g17 = eq17_gradient(
+        problem, theta_next, eta, outer_batch, {k: v.detach() for k, v in theta_den.items()}, eta
+    )
     diag = diagnostics_of({**split, "eq17": g17}, total)
     diag["time_s"] = elapsed
     diag["inner_steps"] = float(sum(len(r.minibatches) for r in rounds))

@@ -115,10 +115,10 @@ def cln_condition(eta: Mapping[str, Tensor]) -> Tensor:
 
 
 class ConditionalLayerNorm(nn.Module):
-    """Conditional Layer Normalization, Eq 20-22 (activation ``f`` applied by the caller).
+    r"""Conditional Layer Normalization, Eq 20-22 (activation ``f`` applied by the caller).
 
-    .. math:: \\mathrm{CLN}(a \\mid \\eta) = \\frac{g}{\\sigma}\\odot(a-\\mu) + b,\\quad
-              g = W_g c(\\eta) + b_g,\\quad b = W_b c(\\eta) + b_b
+    .. math:: \mathrm{CLN}(a \mid \eta) = \frac{g}{\sigma}\odot(a-\mu) + b,\quad
+              g = W_g c(\eta) + b_g,\quad b = W_b c(\eta) + b_b
 
     ``gain_map`` and ``bias_map`` are affine maps of the conditioning vector ``c``
     (:func:`cln_condition`). With zero weights CLN is LayerNorm with gain ``b_g`` and bias

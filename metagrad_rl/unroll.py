@@ -36,7 +36,7 @@ Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
 
 
-class InnerSurrogate(str, enum.Enum):
+class InnerSurrogate(enum.StrEnum):
     """What the PPO ratio's denominator ``pi_{theta_k, eta}`` carries in the inner step.
 
     - ``PAPER`` (``"paper"``): the denominator is a stop-gradient for the *inner* step (the
@@ -181,7 +181,7 @@ def prepare_round(
     For ``DETACHED`` the denominator uses ``frozen = (theta_k, eta)`` at the anchor if given,
     else the detached current values (equal at the anchor).
     """
-    if surrogate is InnerSurrogate.DETACHED:
+    if InnerSurrogate(surrogate) is InnerSurrogate.DETACHED:
         theta_old, eta_old = frozen or (_detached(theta_k), _detached(eta_policy))
     else:
         theta_old, eta_old = theta_k, eta_policy
@@ -285,8 +285,9 @@ def anchor_at(
 ) -> Anchor:
     """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll."""
     eta_c = _detached(eta)
-    res = unroll(problem, tx, theta, EtaPaths.shared(eta_c), rounds, opt_state, surrogate,
-                 create_graph=False)
+    res = unroll(
+        problem, tx, theta, EtaPaths.shared(eta_c), rounds, opt_state, surrogate, create_graph=False
+    )
     return Anchor(eta_c, [_detached(s) for s in res.round_starts], _detached(res.theta))
 
 
@@ -298,10 +299,14 @@ def check_params(
 ) -> None:
     """A dict of floating tensors; with ``reference`` (name -> shape), the same names and shapes."""
     if not isinstance(params, Mapping) or len(params) == 0:
-        raise ConfigError(f"{name} must be a non-empty dict of tensors, got {type(params).__name__}")
+        raise ConfigError(
+            f"{name} must be a non-empty dict of tensors, got {type(params).__name__}"
+        )
     for k, v in params.items():
         if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise ConfigError(f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}")
+            raise ConfigError(
+                f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}"
+            )
     if reference is None:
         return
     missing = sorted(set(reference) - set(params))

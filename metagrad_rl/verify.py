@@ -55,13 +55,28 @@ def meta_objective_fn(
     Stop-gradient denominators are frozen at ``eta`` (an :class:`Anchor`), so finite
     differences see the same function that autograd differentiates.
     """
-    anchor = anchor_at(problem, optimizer, theta, eta, rounds, kwargs.get("opt_state"),
-                       InnerSurrogate(kwargs.get("surrogate", "paper")))
+    anchor = anchor_at(
+        problem,
+        optimizer,
+        theta,
+        eta,
+        rounds,
+        kwargs.get("opt_state"),
+        InnerSurrogate(kwargs.get("surrogate", "paper")),
+    )
 
     def fn(eta_vec: Tensor) -> Tensor:
         e = unflatten(eta_vec, eta)
-        return meta_objective(problem, optimizer, theta, EtaPaths.shared(e), rounds,
-                              outer_batch, anchor=anchor, **kwargs)
+        return meta_objective(
+            problem,
+            optimizer,
+            theta,
+            EtaPaths.shared(e),
+            rounds,
+            outer_batch,
+            anchor=anchor,
+            **kwargs,
+        )
 
     return fn
 

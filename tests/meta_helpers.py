@@ -68,8 +68,9 @@ def make_setup(
     for _ in range(n_rounds):
         mbs = minibatch_indices(10, epochs=steps, num_minibatches=1, generator=gen)
         rounds.append(Round(round_batch(gen), mbs[:steps]))
-    problem = ppo_meta_problem(policy, reward, r_ex_coef=r_ex_coef, r_in_coef=1.0, clip=clip,
-                               ent_coef=0.01)
+    problem = ppo_meta_problem(
+        policy, reward, r_ex_coef=r_ex_coef, r_in_coef=1.0, clip=clip, ent_coef=0.01
+    )
     theta = {k: v.detach() for k, v in params_of(policy).items()}
     eta = {k: v.detach() for k, v in params_of(reward).items()}
     return problem, theta, eta, rounds, outer_batch(gen)
