@@ -386,7 +386,8 @@ def sample_batches(
     """``n_samples`` independent draws of ``tau_0 .. tau_{K-1}``, ``tau_k ~ pi_{theta_k, eta}``."""
     eta = (problem.eta if eta is None else eta).detach()
     cfg = problem.config
-    theta, opt_state, states, actions, log_p = problem.theta0, None, [], [], 0.0
+    theta, opt_state, states, actions = problem.theta0, None, [], []
+    log_p = torch.zeros(n_samples, dtype=DTYPE)
     for _ in range(cfg.rounds):
         probs = policy_log_probs(problem, theta, eta).exp().detach()
         probs = probs.expand(n_samples, *probs.shape[-2:])
