@@ -39,11 +39,16 @@ Params = dict[str, Tensor]
 # Parameters
 # ---------------------------------------------------------------------------------------------
 class FlatParams:
-    """Named parameter groups stored as views of one flat leaf tensor ``flat``.
+    """Named parameter groups stored in one flat tensor, for a fast single-tensor optimizer.
 
     ``FlatParams({"theta": params_of(policy), "critic": params_of(critic)})`` copies the
-    tensors; :meth:`views` returns ``{"theta": {...}, "critic": {...}}`` whose tensors are views
-    of ``flat`` (gradients reach ``flat``; in-place updates of ``flat`` show through).
+    tensors into :attr:`flat` (no grad). Two ways to read them:
+
+    - :meth:`leaves` -- ``{group: {name: leaf}}``: leaf tensors (``requires_grad``) that share
+      :attr:`flat`'s memory, so an in-place update of ``flat`` updates them. With
+      :meth:`flat_grad` this is the fast path of the plain PPO update.
+    - :meth:`views` -- differentiable views of any flat tensor (e.g. a ``theta'`` produced by a
+      differentiable optimizer step).
     """
 
     def __init__(self, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
@@ -56,10 +61,29 @@ class FlatParams:
                 self.spec.append((g, name, p.shape, offset, n))
                 chunks.append(p.detach().reshape(-1))
                 offset += n
-        self.flat = torch.cat(chunks).clone().requires_grad_(True)
+        self.flat = torch.cat(chunks).clone()
+        self._leaves = self.views(self.flat.detach())
+        for group in self._leaves.values():
+            for t in group.values():
+                t.requires_grad_(True)
+        self._leaf_list = [t for group in self._leaves.values() for t in group.values()]
+
+    def leaves(self) -> dict[str, Params]:
+        """``{group: {name: leaf}}`` sharing :attr:`flat`'s memory (see the class docstring)."""
+        return self._leaves
+
+    def flat_grad(self, loss: Tensor) -> Tensor:
+        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`spec` order)."""
+        grads = torch.autograd.grad(loss, self._leaf_list, allow_unused=True)
+        return torch.cat(
+            [
+                torch.zeros(t.numel()) if g is None else g.reshape(-1)
+                for g, t in zip(grads, self._leaf_list)
+            ]
+        )
 
     def views(self, flat: Tensor | None = None) -> dict[str, Params]:
-        """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`)."""
+        """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`), differentiable."""
         f = self.flat if flat is None else flat
         out: dict[str, Params] = {}
         for g, name, shape, off, n in self.spec:
@@ -203,7 +227,8 @@ def ppo_update(
 ) -> tuple[Any, dict[str, float]]:
     """``epochs`` passes of minibatch PPO over ``data``; updates ``params.flat`` in place.
 
-    Each step: ``g = d L / d flat``; ``updates, state = tx.update(g, state, inplace=True)``;
+    Each step: ``g = d L / d flat`` (through :meth:`FlatParams.leaves`);
+    ``updates, state = tx.update(g, state, inplace=True)``;
     ``torchopt.apply_updates(flat, updates, inplace=True)``. Returns the new optimizer state and
     the mean of each diagnostic over all steps.
     """
@@ -213,11 +238,11 @@ def ppo_update(
     for _ in range(epochs):
         for idx in minibatch_indices(b, num_minibatches, rng):
             mb = Minibatch(*(x[idx] for x in data))
-            views = params.views()
+            leaves = params.leaves()
             loss, aux = ppo_loss(
-                policy, critic, views[theta_key], views[critic_key], mb, coefs, cond
+                policy, critic, leaves[theta_key], leaves[critic_key], mb, coefs, cond
             )
-            (grad,) = torch.autograd.grad(loss, params.flat)
+            grad = params.flat_grad(loss)
             updates, opt_state = tx.update((grad,), opt_state, params=(params.flat,), inplace=True)
             torchopt.apply_updates((params.flat,), updates, inplace=True)
             for k, v in aux.items():

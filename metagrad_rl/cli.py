@@ -1,0 +1,234 @@
+"""``metagrad-rl``: train, plot and evaluate from the command line.
+
+``train`` takes one ``--flag`` per field of the chosen algorithm's config dataclass (its field
+docstring is the help text), so adding an algorithm to
+:data:`metagrad_rl.trainers.ALGOS` adds its flags here. Every bad input -- a ConfigError, an
+argparse error -- is one line ``metagrad-rl: error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from metagrad_rl.errors import ConfigError
+
+PROG = "metagrad-rl"
+DEFAULT_ALGO = "ppo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line :class:`ConfigError` s."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per dataclass field; unset flags stay absent from the namespace."""
+    from metagrad_rl.config import field_docs
+
+    docs = field_docs(config_cls)
+    group = parser.add_argument_group(f"{config_cls.__name__} (hyperparameters)")
+    for f in dataclasses.fields(config_cls):
+        default = f.default
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kw.update(nargs="+", type=int, metavar="N")
+        elif isinstance(default, int | float | str):
+            kw["type"] = type(default)
+            kw["metavar"] = f.name.upper()
+        group.add_argument(_flag(f.name), **kw)
+
+
+def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
+    """The full parser; ``train`` gets the flags of ``algo``'s config."""
+    from metagrad_rl.trainers import ALGOS
+
+    parser = _Parser(
+        prog=PROG,
+        description="Meta-gradient RL with learned intrinsic rewards (PPO, LIRPG, CLN).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    algos = "; ".join(f"{k}: {a.help}" for k, a in sorted(ALGOS.items()))
+    train = sub.add_parser(
+        "train",
+        help="train an agent",
+        description=f"Train an agent. Algorithms -- {algos}. "
+        "`metagrad-rl train --algo NAME --help` lists that algorithm's flags.",
+    )
+    train.add_argument(
+        "--algo", choices=sorted(ALGOS), default=DEFAULT_ALGO, help="algorithm (default: ppo)"
+    )
+    train.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (logs, checkpoint)"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (may raise --total-steps)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
+    train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser(
+        "plot",
+        help="plot learning curves of run directories",
+        description="Learning curves (mean and +-1 std over seeds, grouped by algo and env).",
+    )
+    plot.add_argument("runs", nargs="+", metavar="DIR", help="run directories (train --out)")
+    plot.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
+    plot.add_argument(
+        "--metric", default="episodic_return", help="progress.csv column (default: %(default)s)"
+    )
+    plot.add_argument("--title", default="", help="figure title")
+    plot.set_defaults(func=cmd_plot)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="run a saved policy and print its mean return",
+        description="Run a checkpoint's policy (mean action) and print its mean raw return.",
+    )
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt file")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="env seed (default: %(default)s)")
+    ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mean")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _peek_algo(argv: Sequence[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--algo" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--algo="):
+            return a.split("=", 1)[1]
+    return DEFAULT_ALGO
+
+
+# -- commands -------------------------------------------------------------------------------------
+def make_train_config(args: argparse.Namespace) -> Any:
+    """The config from explicit flags, on top of the resumed run's config with ``--resume``."""
+    from metagrad_rl.checkpoint import load_checkpoint
+    from metagrad_rl.config import from_dict
+    from metagrad_rl.logging import CHECKPOINT_FILE
+    from metagrad_rl.trainers import ALGOS
+
+    cls = ALGOS[args.algo].config_cls
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in args}
+    base: dict[str, Any] = {}
+    if args.resume:
+        import os
+
+        ckpt = load_checkpoint(os.path.join(args.out, CHECKPOINT_FILE))
+        if ckpt.get("algo") != args.algo:
+            raise ConfigError(
+                f"--algo={args.algo!r} differs from the resumed run's {ckpt.get('algo')!r}"
+            )
+        base = dict(ckpt["config"])
+    return from_dict(cls, {**base, **explicit})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from metagrad_rl.trainers import ALGOS
+
+    config = make_train_config(args)
+    total = config.total_steps
+    every = max(1, getattr(config, "num_iterations", 10) // 10)
+    bars: list[Any] = []  # made at the first report, so that bad input prints one line only
+    state: dict[str, Any] = {"it": 0, "last": ""}
+
+    def progress(step: int, row: dict[str, Any]) -> None:
+        if not bars:
+            start = step - int(getattr(config, "batch_size", 0))
+            bars.append(
+                tqdm(
+                    total=total,
+                    initial=max(start, 0),
+                    unit="step",
+                    disable=args.no_progress,
+                    dynamic_ncols=True,
+                )
+            )
+        bar = bars[0]
+        bar.update(step - bar.n)
+        ret = row.get("episodic_return", "")
+        if ret != "":
+            state["last"] = f"{ret:.1f}"
+            bar.set_postfix(ret=state["last"], sps=f"{row.get('steps_per_sec', 0):.0f}")
+        state["it"] += 1
+        if state["it"] % every == 0:
+            bar.write(
+                f"step {step:>9d}  episodic_return {state['last'] or '-':>8}  "
+                f"steps/s {row.get('steps_per_sec', 0):.0f}"
+            )
+
+    try:
+        summary = ALGOS[args.algo].train(config, args.out, resume=args.resume, progress=progress)
+    finally:
+        for b in bars:
+            b.close()
+    ret = summary.get("mean_return_last_20_episodes")
+    ret_s = "n/a" if ret is None else f"{ret:.1f}"
+    print(
+        f"done: {summary['algo']} on {summary['env']} seed {summary['seed']}, "
+        f"{summary['global_step']} steps in {summary['wall_time_s']:.0f}s; "
+        f"mean return of the last 20 episodes: {ret_s}; logs in {args.out}"
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from metagrad_rl.plotting import plot_runs
+
+    path = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from metagrad_rl.evaluate import evaluate_checkpoint
+
+    returns = evaluate_checkpoint(
+        args.checkpoint, args.episodes, args.seed, deterministic=not args.stochastic
+    )
+    print(
+        f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} "
+        f"(std {np.std(returns):.1f}, min {np.min(returns):.1f}, max {np.max(returns):.1f})"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metagrad-rl`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(_peek_algo(argv)).parse_args(argv)
+        return int(args.func(args))
+    except ConfigError as err:
+        msg = " ".join(str(err).split())
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
