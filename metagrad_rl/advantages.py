@@ -37,10 +37,43 @@ def gae(
     .. math:: A_t = \delta_t + \gamma\lambda (1 - \mathrm{end}_t) A_{t+1}
 
     The recursion starts from ``A_T = 0`` (the last step of the batch is bootstrapped through
-    ``next_values`` alone). Returns a tensor shaped like ``rewards``.
+    ``next_values`` alone). Returns a tensor shaped like ``rewards``. Computed as one
+    matrix product with :func:`discount_matrix` for ``T <= MATRIX_MAX_T`` (a handful of ops,
+    cheap to differentiate through), else by the reverse loop.
     """
     delta = td_errors(rewards, values, next_values, terminated, gamma)
-    carry = (gamma * lam) * (1.0 - episode_end.to(rewards.dtype))
+    if delta.shape[0] > MATRIX_MAX_T:
+        return gae_loop(delta, episode_end, gamma * lam)
+    m = discount_matrix(episode_end.to(delta.dtype), gamma * lam)  # [N?, T, T]
+    if delta.dim() == 1:
+        return m @ delta
+    return torch.einsum("ntj,jn->tn", m, delta)
+
+
+MATRIX_MAX_T = 4096
+
+
+def discount_matrix(episode_end: Tensor, discount: float) -> Tensor:
+    """``M[t, j] = discount^(j - t)`` if ``j >= t`` and no episode ends in ``[t, j-1]``, else 0.
+
+    ``episode_end`` is ``[T]`` (gives ``[T, T]``) or ``[T, N]`` (gives ``[N, T, T]``); then
+    ``A = M delta`` is the GAE sum of the TD errors ``delta``.
+    """
+    ends = episode_end if episode_end.dim() == 2 else episode_end[:, None]
+    T = ends.shape[0]
+    seg = torch.cumsum(ends, 0) - ends  # episodes finished before t
+    t = torch.arange(T, device=ends.device)
+    lag = (t[None, :] - t[:, None]).to(ends.dtype)  # j - t
+    same = seg.T[:, :, None] == seg.T[:, None, :]  # [N, T, T]
+    m = torch.where(
+        same & (lag >= 0), discount ** lag.clamp(min=0), torch.zeros((), dtype=ends.dtype)
+    )
+    return m if episode_end.dim() == 2 else m[0]
+
+
+def gae_loop(delta: Tensor, episode_end: Tensor, discount: float) -> Tensor:
+    """The GAE recursion as a reverse loop over time (any ``T``)."""
+    carry = discount * (1.0 - episode_end.to(delta.dtype))
     out = []
     acc = torch.zeros_like(delta[0])
     for t in range(delta.shape[0] - 1, -1, -1):

@@ -86,7 +86,7 @@ def default_budget_bytes() -> int | None:
     return None if avail is None else int(0.8 * avail)
 
 
-def bytes_per_inner_step(
+def probe_bytes(
     problem: Any,
     tx: torchopt.base.GradientTransformation,
     theta: Mapping[str, Tensor],
@@ -94,15 +94,22 @@ def bytes_per_inner_step(
     rnd: Any,
     opt_state: Any,
     surrogate: Any,
-) -> int:
-    """Graph bytes of one differentiable inner step on the round's first minibatch."""
-    from metagrad_rl.unroll import EtaPaths, Round, unroll
+) -> tuple[int, int]:
+    """Graph bytes of one round's ``prepare`` and of one differentiable inner step."""
+    from metagrad_rl.flat import FLAT_KEY, FlatLayout
+    from metagrad_rl.unroll import inner_step, prepare_round
 
-    probe = Round(rnd.batch, [rnd.minibatches[0]])
-    meter = GraphMemoryMeter()
-    with meter:
-        unroll(problem, tx, theta, EtaPaths.shared(dict(eta)), [probe], opt_state, surrogate)
-    return meter.peak_bytes
+    theta_k = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    eta_ = {k: v.detach().requires_grad_(True) for k, v in eta.items()}
+    with GraphMemoryMeter() as m_prep:
+        data = prepare_round(problem, rnd.batch, theta_k, eta_, eta_, surrogate)
+    mb = {k: v[rnd.minibatches[0]] for k, v in data.items()}
+    layout = FlatLayout(theta_k)
+    x = {FLAT_KEY: layout.flatten(theta_k).detach().requires_grad_(True)}
+    state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    with GraphMemoryMeter() as m_step:
+        inner_step(problem, tx, x, state, mb, eta_, True, lambda p: layout.unflatten(p[FLAT_KEY]))
+    return m_prep.peak_bytes, m_step.peak_bytes
 
 
 def check_unroll_memory(
@@ -117,7 +124,8 @@ def check_unroll_memory(
 ) -> int:
     """Estimate the unroll's graph bytes; raise :class:`MemoryBudgetError` over the budget.
 
-    Returns the estimate. ``budget_bytes=None`` uses :func:`default_budget_bytes`; a
+    Returns the estimate: ``prepare`` bytes per round plus bytes per step times the
+    steps. ``budget_bytes=None`` uses :func:`default_budget_bytes`; a
     non-positive budget is a :class:`ConfigError`.
     """
     if budget_bytes is not None and budget_bytes <= 0:
@@ -126,10 +134,10 @@ def check_unroll_memory(
     steps = sum(len(r.minibatches) for r in rounds)
     if budget is None:
         return -1
-    per_step = bytes_per_inner_step(problem, tx, theta, eta, rounds[0], opt_state, surrogate)
-    estimate = per_step * steps
+    per_round, per_step = probe_bytes(problem, tx, theta, eta, rounds[0], opt_state, surrogate)
+    estimate = per_round * len(rounds) + per_step * steps
     if estimate > budget:
-        fit = max(0, budget // max(per_step, 1))
+        fit = max(0, (budget - per_round * len(rounds)) // max(per_step, 1))
         raise MemoryBudgetError(
             f"unrolling {steps} inner steps needs about {estimate / 2**20:.0f} MiB "
             f"({per_step / 2**20:.2f} MiB per step), over the budget of "

@@ -171,6 +171,7 @@ def meta_gradient(
     terms: bool = True,
     memory_budget_bytes: int | None = None,
     measure_memory: bool = False,
+    flat_params: bool = True,
 ) -> MetaGradResult:
     """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
 
@@ -189,6 +190,9 @@ def meta_gradient(
             an unroll estimated to need more (default: 80% of the available memory).
         measure_memory: record the bytes held by the autograd graph
             (``diagnostics["graph_bytes"]``); adds a Python hook per saved tensor.
+        flat_params: let the optimizer update ``theta`` as one flat vector (same numbers for
+            element-wise optimizers and global-norm clipping, fewer ops; see
+            :mod:`metagrad_rl.flat`). Use ``False`` for per-tensor transformations.
     """
     check_optimizer(optimizer)
     check_params("theta", theta, problem.theta_spec)
@@ -220,7 +224,9 @@ def meta_gradient(
     )
     meter = GraphMemoryMeter(enabled=measure_memory)
     with meter:
-        res = unroll(problem, optimizer, theta, paths, rounds, opt_state, surrogate)
+        res = unroll(
+            problem, optimizer, theta, paths, rounds, opt_state, surrogate, flat_params=flat_params
+        )
         theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
         loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
     if terms:

@@ -31,6 +31,7 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FLAT_KEY, FlatLayout
 
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
@@ -153,18 +154,24 @@ def _take(data: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
 def inner_step(
     problem: MetaProblem,
     tx: torchopt.base.GradientTransformation,
-    theta: Params,
+    x: Params,
     opt_state: Any,
     minibatch: Mapping[str, Tensor],
     eta_policy: Params,
     create_graph: bool,
+    view: Callable[[Params], Params] | None = None,
 ) -> tuple[Params, Any]:
-    """One differentiable TorchOpt step ``theta_j -> theta_{j+1}`` on one minibatch."""
+    """One differentiable TorchOpt step ``theta_j -> theta_{j+1}`` on one minibatch.
+
+    ``x`` is what the optimizer updates: ``theta`` itself, or ``{"theta": flat}`` with
+    ``view`` giving the loss its dict of views (:mod:`metagrad_rl.flat`).
+    """
+    theta = x if view is None else view(x)
     loss = problem.inner_loss(theta, minibatch, eta_policy=eta_policy)
-    names = list(theta)
-    grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=create_graph)
-    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=theta, inplace=False)
-    return torchopt.apply_updates(theta, updates, inplace=False), opt_state
+    names = list(x)
+    grads = torch.autograd.grad(loss, [x[n] for n in names], create_graph=create_graph)
+    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=x, inplace=False)
+    return torchopt.apply_updates(x, updates, inplace=False), opt_state
 
 
 def prepare_round(
@@ -200,32 +207,53 @@ def unroll(
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
     create_graph: bool = True,
     anchor: Anchor | None = None,
+    flat_params: bool = True,
 ) -> UnrollResult:
     """Run ``R = len(rounds)`` policy rounds as differentiable TorchOpt updates.
 
     ``theta`` is detached first (the meta-gradient is w.r.t. ``eta`` only); ``opt_state``
     defaults to ``tx.init(theta)``. Rounds before the last read ``paths.early``; the last
     reads ``paths.policy`` and ``paths.reward``. ``anchor`` freezes the detached
-    denominators at another point (see :class:`Anchor`).
+    denominators at another point (see :class:`Anchor`). With ``flat_params`` the optimizer
+    updates one flat vector (:mod:`metagrad_rl.flat`; same result, fewer ops); ``opt_state``
+    is given and returned per tensor either way.
     """
-    theta_j: Params = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
-    state = tx.init(theta_j) if opt_state is None else opt_state
+    layout = FlatLayout(theta) if flat_params else None
+    x: Params
+    if layout is None:
+        x = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+        view = None
+        state = tx.init(x) if opt_state is None else opt_state
+    else:
+        x = {FLAT_KEY: layout.flatten(theta).detach().clone().requires_grad_(True)}
+        view = _flat_view(layout)
+        state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
     starts: list[Params] = []
     for r, rnd in enumerate(rounds):
         last = r == len(rounds) - 1
         eta_pol = paths.policy if last else paths.early
         eta_rew = paths.reward if last else paths.early
-        starts.append(theta_j)
+        theta_k = x if view is None else view(x)
+        starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
-        data = prepare_round(problem, rnd.batch, theta_j, eta_pol, eta_rew, surrogate, frozen)
+        data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
         # The inner gradient must not flow into the denominator computed from theta_k:
         # give the first step its own node, equal in value.
-        theta_j = {k: v.view_as(v) for k, v in theta_j.items()}
+        x = {k: v.view_as(v) for k, v in x.items()}
         for idx in rnd.minibatches:
-            theta_j, state = inner_step(
-                problem, tx, theta_j, state, _take(data, idx), eta_pol, create_graph
+            x, state = inner_step(
+                problem, tx, x, state, _take(data, idx), eta_pol, create_graph, view
             )
-    return UnrollResult(theta_j, state, starts)
+    if layout is None:
+        return UnrollResult(x, state, starts)
+    return UnrollResult(layout.unflatten(x[FLAT_KEY]), layout.unflatten_state(state), starts)
+
+
+def _flat_view(layout: FlatLayout) -> Callable[[Params], Params]:
+    def view(x: Params) -> Params:
+        return layout.unflatten(x[FLAT_KEY])
+
+    return view
 
 
 def outer_loss_at(

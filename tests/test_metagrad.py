@@ -260,6 +260,42 @@ def test_diagnostics_report_norms_cosines_time():
     torch.testing.assert_close(_vec(only_total.total), _vec(res.total), rtol=1e-12, atol=1e-15)
 
 
+def test_flat_parameter_unroll_equals_per_tensor_unroll():
+    """The flat-vector optimizer path gives the per-tensor numbers, state carried in and out."""
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=2, steps=2)
+    tx = torchopt.chain(torchopt.clip_grad_norm(0.5), torchopt.adam(0.01, eps_root=1e-8))
+    state = tx.init(theta)
+    warm = meta_gradient(
+        problem, tx, theta, eta, rounds[:1], outer, opt_state=state, flat_params=False
+    )
+    a = meta_gradient(
+        problem, tx, warm.theta_next, eta, rounds, outer, opt_state=warm.opt_state, flat_params=True
+    )
+    b = meta_gradient(
+        problem,
+        tx,
+        warm.theta_next,
+        eta,
+        rounds,
+        outer,
+        opt_state=warm.opt_state,
+        flat_params=False,
+    )
+    for term in (*TERMS, "total"):
+        torch.testing.assert_close(
+            _vec(getattr(a, term)), _vec(getattr(b, term)), rtol=1e-10, atol=1e-14
+        )
+    torch.testing.assert_close(_vec(a.theta_next), _vec(b.theta_next), rtol=1e-12, atol=1e-14)
+    mu_a, mu_b = a.opt_state[1][0].mu, b.opt_state[1][0].mu
+    assert [t.shape for t in mu_a] == [t.shape for t in mu_b] and len(mu_a) == len(theta)
+    torch.testing.assert_close(
+        torch.cat([t.flatten() for t in mu_a]),
+        torch.cat([t.flatten() for t in mu_b]),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+
+
 # ------------------------------------------------------------------ memory guard
 
 
