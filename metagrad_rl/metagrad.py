@@ -69,6 +69,7 @@ class MetaGradResult(NamedTuple):
     theta_next: Params
     opt_state: Any
     diagnostics: dict[str, float]
+    score: Params | None = None
 
 
 def detach_state(state: Any) -> Any:
@@ -91,10 +92,12 @@ def _grads(loss: Tensor, params: Params, retain_graph: bool = False) -> Params:
     return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, gs)}
 
 
-def _grads_many(loss: Tensor, groups: Sequence[Params]) -> list[Params]:
+def _grads_many(loss: Tensor, groups: Sequence[Params], retain_graph: bool = False) -> list[Params]:
     """Gradients of ``loss`` w.r.t. several dicts of leaves in one backward pass."""
     flat = [p for g in groups for p in g.values()]
-    gs = torch.autograd.grad(loss, flat, allow_unused=True)
+    if not loss.requires_grad:
+        return [{n: torch.zeros_like(p) for n, p in g.items()} for g in groups]
+    gs = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=retain_graph)
     out, i = [], 0
     for g in groups:
         d = {}
@@ -157,6 +160,174 @@ def eq17_gradient(
     return _grads(loss, eta_leaf)
 
 
+class PendingMetaGradient:
+    """An unrolled policy round whose meta-gradient waits for the outer batch.
+
+    A trainer needs ``theta_{k+1}`` to *collect* the validation batch ``tau_{k+1}`` that the
+    outer loss (Eq 24) is evaluated on. :func:`start_meta_gradient` runs the differentiable
+    unroll and keeps its graph; :attr:`theta_next` (detached) drives the rollout; then
+    :meth:`finish` takes the outer batch and returns the :class:`MetaGradResult`. The graph is
+    freed by :meth:`finish` (call it once).
+    """
+
+    def __init__(
+        self,
+        problem: MetaProblem,
+        eta: Params,
+        rounds: Sequence[Round],
+        paths: EtaPaths,
+        res: Any,
+        terms: bool,
+        meter: GraphMemoryMeter,
+        t_unroll: float,
+    ) -> None:
+        self.problem, self.eta, self.rounds, self.paths = problem, eta, rounds, paths
+        self._res, self.terms, self._meter, self._t_unroll = res, terms, meter, t_unroll
+        self.theta_next: Params = {k: v.detach() for k, v in res.theta.items()}
+        self.opt_state: Any = detach_state(res.opt_state)
+        self.theta_k: Params = {k: v.detach() for k, v in res.round_starts[-1].items()}
+
+    def finish(
+        self,
+        outer_batch: Batch,
+        *,
+        denominator: str = "theta_k",
+        score_weight: float | None = None,
+    ) -> MetaGradResult:
+        """Eq 11-14 (or the total), Eq 17 and diagnostics on ``outer_batch``.
+
+        ``denominator``: ``"theta_k"`` (the paper's Eq 24) or ``"theta_k+1"``. With
+        ``score_weight = w`` the result also holds ``score = grad_eta [w sum_k log p(tau_k;
+        theta_k(eta), eta)]``, the sampling-aware correction (``w = stopgrad(J_hat - b)``; see
+        ``docs/estimators.md``); it needs ``problem.log_likelihood``.
+        """
+        if self._res is None:
+            raise ConfigError("this PendingMetaGradient was finished already: start a new one")
+        check_batch("outer_batch", outer_batch)
+        if denominator not in DENOMINATORS:
+            raise ConfigError(
+                f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}"
+            )
+        problem, paths, res, eta = self.problem, self.paths, self._res, self.eta
+        t0 = time.perf_counter()
+        with self._meter:
+            theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
+            loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
+            loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
+        self._res = None
+        score = None
+        if loglik is not None:
+            groups = list(paths) if self.terms else [paths.outer]
+            parts = _grads_many(score_weight * loglik, groups, retain_graph=True)
+            score = _add(*parts)
+        if self.terms:
+            g11, g12, g13, g14 = _grads_many(loss, list(paths))
+            total = _add(g11, g12, g13, g14)
+            split: dict[str, Params] = dict(zip(TERMS, (g11, g12, g13, g14)))
+        else:
+            total = _grads(loss, paths.outer)
+            split = {}
+        elapsed = self._t_unroll + time.perf_counter() - t0
+        bad = [k for k, g in total.items() if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise ConfigError(
+                f"the meta-gradient of eta{bad} is not finite: the unroll is not differentiable "
+                "there. With torchopt.adam/rmsprop set eps_root > 0 (e.g. eps_root=1e-8): "
+                "sqrt(v) has no derivative at v = 0, which any exactly-zero gradient entry hits"
+            )
+        g17 = eq17_gradient(
+            problem,
+            self.theta_next,
+            eta,
+            outer_batch,
+            {k: v.detach() for k, v in theta_den.items()},
+            eta,
+        )
+        diag = diagnostics_of({**split, "eq17": g17}, total)
+        diag["time_s"] = elapsed
+        diag["inner_steps"] = float(sum(len(r.minibatches) for r in self.rounds))
+        diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else float("nan")
+        if score is not None:
+            diag["norm_score"] = float(flatten(score).norm())
+            diag["cos_score_total"] = _cos(flatten(score), flatten(total))
+        return MetaGradResult(
+            eq11=split.get("eq11"),
+            eq12=split.get("eq12"),
+            eq13=split.get("eq13"),
+            eq14=split.get("eq14"),
+            total=total,
+            eq17=g17,
+            outer_loss=float(loss.detach()),
+            theta_next=self.theta_next,
+            opt_state=self.opt_state,
+            diagnostics=diag,
+            score=score,
+        )
+
+    def _log_likelihood(self, starts: Sequence[Params]) -> Tensor:
+        """``sum_k log p(tau_k; theta_k(eta), eta)``: each round's batch under its sampler."""
+        if self.problem.log_likelihood is None:
+            raise ConfigError(
+                "score_weight needs a problem with log_likelihood(theta, batch, eta_policy=...)"
+            )
+        n = len(self.rounds)
+        terms = []
+        for r, (rnd, theta_r) in enumerate(zip(self.rounds, starts)):
+            eta_pol = self.paths.policy if r == n - 1 else self.paths.early
+            terms.append(self.problem.log_likelihood(theta_r, rnd.batch, eta_policy=eta_pol))
+        return torch.stack(terms).sum()
+
+
+def start_meta_gradient(
+    problem: MetaProblem,
+    optimizer: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    rounds: Sequence[Round],
+    *,
+    opt_state: Any = None,
+    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
+    terms: bool = True,
+    memory_budget_bytes: int | None = None,
+    measure_memory: bool = False,
+    flat_params: bool = True,
+) -> PendingMetaGradient:
+    """The first half of :func:`meta_gradient`: validate, check memory, unroll (graph kept)."""
+    check_optimizer(optimizer)
+    check_params("theta", theta, problem.theta_spec)
+    check_params("eta", eta, problem.eta_spec)
+    check_rounds(rounds)
+    if opt_state is not None and not isinstance(opt_state, tuple):
+        raise ConfigError(
+            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
+        )
+    try:
+        surrogate = InnerSurrogate(surrogate)
+    except ValueError:
+        raise ConfigError(
+            f"surrogate={surrogate!r} is invalid: expected one of "
+            f"{[s.value for s in InnerSurrogate]}"
+        ) from None
+    check_unroll_memory(
+        problem, optimizer, theta, eta, rounds, opt_state, surrogate, memory_budget_bytes
+    )
+    t0 = time.perf_counter()
+    eta_c = {k: v.detach() for k, v in eta.items()}
+    paths = (
+        EtaPaths.leaves(eta_c)
+        if terms
+        else EtaPaths.shared({k: v.clone().requires_grad_(True) for k, v in eta_c.items()})
+    )
+    meter = GraphMemoryMeter(enabled=measure_memory)
+    with meter:
+        res = unroll(
+            problem, optimizer, theta, paths, rounds, opt_state, surrogate, flat_params=flat_params
+        )
+    return PendingMetaGradient(
+        problem, eta_c, rounds, paths, res, terms, meter, time.perf_counter() - t0
+    )
+
+
 def meta_gradient(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
@@ -194,73 +365,20 @@ def meta_gradient(
             element-wise optimizers and global-norm clipping, fewer ops; see
             :mod:`metagrad_rl.flat`). Use ``False`` for per-tensor transformations.
     """
-    check_optimizer(optimizer)
-    check_params("theta", theta, problem.theta_spec)
-    check_params("eta", eta, problem.eta_spec)
-    check_rounds(rounds)
     check_batch("outer_batch", outer_batch)
-    if opt_state is not None and not isinstance(opt_state, tuple):
-        raise ConfigError(
-            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
-        )
     if denominator not in DENOMINATORS:
         raise ConfigError(f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}")
-    try:
-        surrogate = InnerSurrogate(surrogate)
-    except ValueError:
-        raise ConfigError(
-            f"surrogate={surrogate!r} is invalid: expected one of "
-            f"{[s.value for s in InnerSurrogate]}"
-        ) from None
-    check_unroll_memory(
-        problem, optimizer, theta, eta, rounds, opt_state, surrogate, memory_budget_bytes
+    pending = start_meta_gradient(
+        problem,
+        optimizer,
+        theta,
+        eta,
+        rounds,
+        opt_state=opt_state,
+        surrogate=surrogate,
+        terms=terms,
+        memory_budget_bytes=memory_budget_bytes,
+        measure_memory=measure_memory,
+        flat_params=flat_params,
     )
-
-    t0 = time.perf_counter()
-    paths = (
-        EtaPaths.leaves(eta)
-        if terms
-        else EtaPaths.shared({k: v.detach().clone().requires_grad_(True) for k, v in eta.items()})
-    )
-    meter = GraphMemoryMeter(enabled=measure_memory)
-    with meter:
-        res = unroll(
-            problem, optimizer, theta, paths, rounds, opt_state, surrogate, flat_params=flat_params
-        )
-        theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
-        loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
-    if terms:
-        g11, g12, g13, g14 = _grads_many(loss, list(paths))
-        total = _add(g11, g12, g13, g14)
-        split: dict[str, Params] = dict(zip(TERMS, (g11, g12, g13, g14)))
-    else:
-        total = _grads(loss, paths.outer)
-        split = {}
-    elapsed = time.perf_counter() - t0
-    bad = [k for k, g in total.items() if not bool(torch.isfinite(g).all())]
-    if bad:
-        raise ConfigError(
-            f"the meta-gradient of eta{bad} is not finite: the unroll is not differentiable "
-            "there. With torchopt.adam/rmsprop set eps_root > 0 (e.g. eps_root=1e-8): "
-            "sqrt(v) has no derivative at v = 0, which any exactly-zero gradient entry hits"
-        )
-    theta_next = {k: v.detach() for k, v in res.theta.items()}
-    g17 = eq17_gradient(
-        problem, theta_next, eta, outer_batch, {k: v.detach() for k, v in theta_den.items()}, eta
-    )
-    diag = diagnostics_of({**split, "eq17": g17}, total)
-    diag["time_s"] = elapsed
-    diag["inner_steps"] = float(sum(len(r.minibatches) for r in rounds))
-    diag["graph_bytes"] = float(meter.peak_bytes) if measure_memory else float("nan")
-    return MetaGradResult(
-        eq11=split.get("eq11"),
-        eq12=split.get("eq12"),
-        eq13=split.get("eq13"),
-        eq14=split.get("eq14"),
-        total=total,
-        eq17=g17,
-        outer_loss=float(loss.detach()),
-        theta_next=theta_next,
-        opt_state=detach_state(res.opt_state),
-        diagnostics=diag,
-    )
+    return pending.finish(outer_batch, denominator=denominator)

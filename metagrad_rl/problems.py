@@ -116,10 +116,20 @@ def ppo_meta_problem(
         adv = normalize(batch["adv_ex"]) if normalize_advantages else batch["adv_ex"]
         return clipped_surrogate_loss(logp, old_logp.detach(), adv, clip)
 
+    def log_likelihood(
+        theta: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        *,
+        eta_policy: Mapping[str, Tensor],
+    ) -> Tensor:
+        obs, act = flat(batch["obs"], True), flat(batch["act"], True)
+        return policy_log_prob(policy, theta, obs, act, eta_policy).sum()
+
     return MetaProblem(
         prepare=prepare,
         inner_loss=inner_loss,
         outer_loss=outer_loss,
         theta_spec={k: tuple(v.shape) for k, v in policy.named_parameters()},
         eta_spec={k: tuple(v.shape) for k, v in reward_net.named_parameters()},
+        log_likelihood=log_likelihood,
     )

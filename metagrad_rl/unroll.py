@@ -81,6 +81,10 @@ class MetaProblem:
     #: checks the dicts it is handed against them and names any mismatch.
     theta_spec: Mapping[str, tuple[int, ...]] | None = None
     eta_spec: Mapping[str, tuple[int, ...]] | None = None
+    #: Optional ``log_likelihood(theta, batch, *, eta_policy) -> Tensor``: ``log p(batch)``
+    #: under ``pi_{theta, eta}`` (the sum of the actions' log-probabilities), for the
+    #: sampling-aware score-function term (``docs/estimators.md``).
+    log_likelihood: Callable[..., Tensor] | None = None
 
 
 class Round(NamedTuple):

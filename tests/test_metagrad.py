@@ -358,3 +358,54 @@ def test_bad_inputs_give_clear_errors():
         meta_gradient(problem, torchopt.adam(0.01), theta, eta, rounds, outer)
     with pytest.raises(ConfigError, match="no minibatches"):
         meta_gradient(problem, sgd, theta, eta, [Round(rounds[0].batch, [])], outer)
+
+
+# ------------------------------------------------------------------ two-phase API, score term
+
+
+def test_start_then_finish_equals_meta_gradient_and_finishes_once():
+    from metagrad_rl.metagrad import start_meta_gradient
+
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=2, steps=2)
+    tx = torchopt.adam(0.01, eps_root=1e-8)
+    pending = start_meta_gradient(problem, tx, theta, eta, rounds)
+    ref = meta_gradient(problem, tx, theta, eta, rounds, outer)
+    torch.testing.assert_close(_vec(pending.theta_next), _vec(ref.theta_next), rtol=0, atol=0)
+    res = pending.finish(outer)
+    for term in (*TERMS, "total", "eq17"):
+        torch.testing.assert_close(
+            _vec(getattr(res, term)), _vec(getattr(ref, term)), rtol=0, atol=0
+        )
+    with pytest.raises(ConfigError, match="finished already"):
+        pending.finish(outer)
+
+
+@pytest.mark.parametrize("n_rounds", [1, 2])
+def test_score_term_against_finite_differences_of_the_batch_log_likelihood(n_rounds):
+    """score = grad_eta [w sum_k log p(tau_k; theta_k(eta), eta)], theta_k through the unroll."""
+    from metagrad_rl.metagrad import start_meta_gradient
+    from metagrad_rl.unroll import unroll
+
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=n_rounds, steps=2)
+    tx = torchopt.sgd(0.05)
+    w = 0.7
+    res = start_meta_gradient(problem, tx, theta, eta, rounds).finish(outer, score_weight=w)
+    plain = meta_gradient(problem, tx, theta, eta, rounds, outer)
+    torch.testing.assert_close(_vec(res.total), _vec(plain.total), rtol=0, atol=0)
+
+    def loglik(e):
+        starts = unroll(problem, tx, theta, EtaPaths.shared(e), rounds).round_starts
+        return w * sum(
+            problem.log_likelihood(s, r.batch, eta_policy=e) for s, r in zip(starts, rounds)
+        )
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        u = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in eta.items()}
+        h = 1e-5
+        fd = (
+            loglik({k: v + h * u[k] for k, v in eta.items()})
+            - loglik({k: v - h * u[k] for k, v in eta.items()})
+        ) / (2 * h)
+        assert float(_vec(res.score) @ _vec(u)) == pytest.approx(float(fd), rel=1e-6)
+    assert res.diagnostics["norm_score"] > 0
