@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from metagrad_rl.trainers import ppo
+from metagrad_rl.trainers import bilevel, ppo
 
 
 @dataclass(frozen=True)
@@ -26,4 +26,15 @@ class Algo:
 
 ALGOS: dict[str, Algo] = {
     "ppo": Algo(ppo.PPOConfig, ppo.train, "PPO with CleanRL's MuJoCo details (the baseline)"),
+    "cln": Algo(
+        bilevel.CLNConfig,
+        bilevel.train,
+        "CLN-conditioned policy, intrinsic reward by meta-gradient (--meta-grad eq17|lirpg|"
+        "three-term|exact)",
+    ),
+    "lirpg": Algo(
+        bilevel.LIRPGConfig,
+        bilevel.train,
+        "LIRPG: unconditioned policy, intrinsic reward by Eq 13 (--meta-grad lirpg|exact)",
+    ),
 }

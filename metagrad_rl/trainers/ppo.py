@@ -55,6 +55,9 @@ RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads")
 class PPOConfig:
     """Hyperparameters of PPO (CleanRL's MuJoCo defaults)."""
 
+    #: Accepted values of ``conditioning`` (a CLN policy needs an intrinsic reward).
+    CONDITIONINGS = ("none", "layernorm")
+
     env: str = "Hopper-v5"
     """Gymnasium environment id (continuous Box action space)."""
     total_steps: int = 1_000_000
@@ -130,7 +133,7 @@ class PPOConfig:
             C.nonnegative_float(name, getattr(self, name))
         C.unit_interval("gamma", self.gamma)
         C.unit_interval("gae_lambda", self.gae_lambda)
-        C.one_of("conditioning", self.conditioning, ("none", "layernorm"))
+        C.one_of("conditioning", self.conditioning, self.CONDITIONINGS)
         for name in ("hidden", "reward_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(
