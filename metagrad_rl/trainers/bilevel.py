@@ -227,7 +227,7 @@ def train(
     critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
     mb_size = cfg.batch_size // cfg.num_minibatches
     steps_per_round = cfg.update_epochs * math.ceil(cfg.batch_size / mb_size)
-    theta_tx = _policy_optimizer(cfg, steps_per_round)
+    theta_tx = policy_optimizer(cfg)
     critic_tx = make_optimizer(
         cfg.lr, steps_per_round, cfg.num_iterations, cfg.anneal_lr, cfg.max_grad_norm, cfg.adam_eps
     )
@@ -328,14 +328,13 @@ def train(
                 "adv_ex": adv_ex.reshape(-1),
             }
             step = _meta_gradient(cfg, problem, pending, pending_inputs, theta, eta, outer)
+            step.inputs, step.outer, step.theta_next = pending_inputs, outer, theta
             updates, eta_state = eta_tx.update(step.grad, eta_state, params=eta, inplace=False)
             eta = {
                 k: v.detach()
                 for k, v in torchopt.apply_updates(eta, updates, inplace=False).items()
             }
-            meta_row = {
-                f"norm_{k}": v for k, v in step.diagnostics.items() if k.startswith("norm_")
-            }
+            meta_row = {k: v for k, v in step.diagnostics.items() if k.startswith("norm_")}
             meta_row["norm_applied"] = float(flatten(step.grad).norm())
             if on_meta_step is not None:
                 on_meta_step(step)
@@ -444,8 +443,25 @@ _META_LOG_KEYS = (
 )
 
 
-def _policy_optimizer(cfg: BilevelConfig, steps_per_round: int) -> Any:
+def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: IntrinsicReward) -> Any:
+    """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`)."""
+    return ppo_meta_problem(
+        policy,
+        reward_net,
+        gamma=cfg.gamma,
+        lam=cfg.gae_lambda,
+        clip=cfg.clip_coef,
+        r_ex_coef=cfg.r_ex_coef,
+        r_in_coef=cfg.r_in_coef,
+        ent_coef=cfg.ent_coef,
+        normalize_advantages=cfg.norm_adv,
+    )
+
+
+def policy_optimizer(cfg: BilevelConfig) -> Any:
     """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable."""
+    mb_size = cfg.batch_size // cfg.num_minibatches
+    steps_per_round = cfg.update_epochs * math.ceil(cfg.batch_size / mb_size)
     schedule = _lr_schedule(cfg.lr, steps_per_round, cfg.num_iterations, cfg.anneal_lr)
     adam = torchopt.adam(schedule, eps=cfg.adam_eps, eps_root=cfg.adam_eps_root)
     return torchopt.chain(torchopt.clip_grad_norm(cfg.max_grad_norm), adam)
