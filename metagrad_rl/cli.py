@@ -79,6 +79,11 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its checkpoint (may raise --total-steps)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in --out, deleting an earlier run's files there",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
     train.set_defaults(func=cmd_train)
@@ -147,6 +152,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metagrad_rl.trainers import ALGOS
 
     config = make_train_config(args)
+    if args.overwrite:
+        if args.resume:
+            raise ConfigError("--overwrite and --resume exclude each other: expected one of them")
+        from metagrad_rl.logging import clear_run_dir
+
+        clear_run_dir(args.out)
     total = config.total_steps
     every = max(1, getattr(config, "num_iterations", 10) // 10)
     bars: list[Any] = []  # made at the first report, so that bad input prints one line only

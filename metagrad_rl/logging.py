@@ -69,6 +69,13 @@ def prepare_run_dir(out: str | Path, resume: bool) -> Path:
     return check_writable_dir(p)
 
 
+def clear_run_dir(out: str | Path) -> None:
+    """Removes an earlier run's files from ``out`` (``train --overwrite``); keeps other files."""
+    p = Path(out)
+    for name in (CHECKPOINT_FILE, PROGRESS_FILE, SUMMARY_FILE, CONFIG_FILE):
+        (p / name).unlink(missing_ok=True)
+
+
 def write_run_config(run_dir: Path, algo: str, config: dict[str, Any]) -> None:
     atomic_write_json(run_dir / CONFIG_FILE, {"algo": algo, "config": config})
 

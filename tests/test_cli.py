@@ -88,12 +88,16 @@ def test_train_resume_evaluate_plot_end_to_end(capsys, tmp_path):
     line = _err(capsys, [*base, "--total-steps", "128"])
     assert "already holds a run" in line
     assert main([*base, "--total-steps", "256", "--resume"]) == 0
+    capsys.readouterr()
     with open(run / "progress.csv") as f:
         assert [r.split(",")[0] for r in f.read().splitlines()[1:]] == ["64", "128", "192", "256"]
     assert main(["evaluate", str(run / "checkpoint.pt"), "--episodes", "2"]) == 0
     assert "mean return over 2 episodes" in capsys.readouterr().out
     assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*base, "--total-steps", "64", "--overwrite"]) == 0
+    with open(run / "progress.csv") as f:
+        assert len(f.read().splitlines()) == 2
 
 
 @pytest.mark.parametrize("sub", [[], ["train"], ["plot"], ["evaluate"]])
