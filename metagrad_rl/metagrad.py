@@ -29,6 +29,7 @@ import torch
 import torchopt
 from torch import Tensor
 
+from metagrad_rl import estimators
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
 from metagrad_rl.unroll import (
@@ -193,13 +194,15 @@ class PendingMetaGradient:
         *,
         denominator: str = "theta_k",
         score_weight: float | None = None,
+        magic_box: bool = False,
     ) -> MetaGradResult:
         """Eq 11-14 (or the total), Eq 17 and diagnostics on ``outer_batch``.
 
         ``denominator``: ``"theta_k"`` (the paper's Eq 24) or ``"theta_k+1"``. With
         ``score_weight = w`` the result also holds ``score = grad_eta [w sum_k log p(tau_k;
         theta_k(eta), eta)]``, the sampling-aware correction (``w = stopgrad(J_hat - b)``; see
-        ``docs/estimators.md``); it needs ``problem.log_likelihood``.
+        ``docs/estimators.md``); it needs ``problem.log_likelihood``. With ``magic_box`` the
+        term is taken through DiCE's ``w * magic_box(log p)`` instead (same first derivative).
         """
         if self._res is None:
             raise ConfigError("this PendingMetaGradient was finished already: start a new one")
@@ -218,7 +221,8 @@ class PendingMetaGradient:
         score = None
         if loglik is not None:
             groups = list(paths) if self.terms else [paths.outer]
-            parts = _grads_many(score_weight * loglik, groups, retain_graph=True)
+            objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
+            parts = _grads_many(objective, groups, retain_graph=True)
             score = _add(*parts)
         if self.terms:
             g11, g12, g13, g14 = _grads_many(loss, list(paths))

@@ -34,9 +34,9 @@ SMALL = dict(
     eta_lr=1e-2,
 )
 
-COMBOS = [("cln", m) for m in ("eq17", "lirpg", "three-term", "exact")] + [
-    ("lirpg", m) for m in ("lirpg", "exact")
-]
+COMBOS = [
+    ("cln", m) for m in ("eq17", "lirpg", "three-term", "exact", "sampling-aware", "dice")
+] + [("lirpg", m) for m in ("lirpg", "exact", "sampling-aware")]
 
 
 def _config(algo, **kw):
@@ -98,6 +98,33 @@ def test_exact_mode_applies_the_engines_total(tmp_path):
             flatten(s.theta_next), flatten(ref.theta_next), rtol=0, atol=1e-6
         )
         assert flatten(ref.eq12).norm() > 0 and flatten(ref.eq13).norm() > 0
+
+
+def test_sampling_aware_mode_applies_total_plus_score(tmp_path):
+    from metagrad_rl.metagrad import start_meta_gradient
+
+    cfg = _config("cln", meta_grad="sampling-aware", total_steps=128 * 4)
+    steps = []
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    policy, reward = _nets(cfg)
+    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    weights = [s.diagnostics["score_weight"] for s in steps]
+    assert any(w != 0.0 for w in weights)
+    for s in steps:
+        inp = s.inputs
+        state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+        w = s.diagnostics["score_weight"] or None
+        pending = start_meta_gradient(
+            problem,
+            tx,
+            inp["theta"],
+            inp["eta"],
+            [Round(inp["batch"], inp["minibatches"])],
+            opt_state=state,
+        )
+        ref = pending.finish(s.outer, score_weight=w)
+        want = flatten(ref.total) + (0 if ref.score is None else flatten(ref.score))
+        torch.testing.assert_close(flatten(s.grad), want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("denominator", ["theta_k", "theta_k+1"])

@@ -20,6 +20,14 @@ Estimators (``--meta-grad``), all gradients of ``L_out = -J_ex`` (see ``docs/equ
 - ``exact``: the total derivative through the real policy round (every epoch and minibatch)
   by :func:`~metagrad_rl.metagrad.start_meta_gradient`; ``theta_{k+1}`` *is* that unroll's
   output, so the applied gradient is exactly the derivative of what the trainer did.
+- ``sampling-aware``: ``exact`` plus the score-function term
+  ``stopgrad(J_hat - b) grad_eta log p(tau_k; theta_k, eta)`` that accounts for ``tau_k``
+  being sampled from ``pi_{theta_k, eta}`` (``docs/estimators.md``); ``J_hat`` is the mean raw
+  return of the episodes finished in ``tau_{k+1}``, ``b`` a moving average of earlier
+  ``J_hat`` (independent of ``tau_k``), both put on the plain term's scale
+  (:func:`score_weight`).
+- ``dice``: the same correction without a baseline, through DiCE's magic box (its first
+  derivative; ``metagrad_rl.estimators.magic_box``).
 """
 
 from __future__ import annotations
@@ -74,7 +82,9 @@ from metagrad_rl.trainers.common import (
 from metagrad_rl.trainers.ppo import PPOConfig, check_resume_config
 from metagrad_rl.unroll import EtaPaths, InnerSurrogate, Round, unroll
 
-META_GRADS = ("eq17", "lirpg", "three-term", "exact")
+META_GRADS = ("eq17", "lirpg", "three-term", "exact", "sampling-aware", "dice")
+#: Estimators that differentiate the whole real policy round.
+FULL_ROUND = ("exact", "sampling-aware", "dice")
 LOOKAHEAD = ("lirpg", "three-term")
 
 
@@ -83,7 +93,9 @@ class BilevelConfig(PPOConfig):
     """PPO's hyperparameters plus the intrinsic reward and its meta-gradient."""
 
     meta_grad: str = "eq17"
-    """Estimator of d J_ex / d eta: eq17, lirpg, three-term or exact."""
+    """Estimator of d J_ex / d eta: eq17, lirpg, three-term, exact, sampling-aware or dice."""
+    baseline_decay: float = 0.9
+    """Decay of the moving-average baseline of sampling-aware (0: the last J_hat)."""
     eta_lr: float = 1e-4
     """Adam step size of the intrinsic reward (LIRPG's lr_beta)."""
     r_ex_coef: float = 1.0
@@ -111,6 +123,8 @@ class BilevelConfig(PPOConfig):
         C.one_of("surrogate", self.surrogate, tuple(s.value for s in InnerSurrogate))
         C.one_of("denominator", self.denominator, ("theta_k", "theta_k+1"))
         C.positive_float("adam_eps_root", self.adam_eps_root)
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ConfigError(f"baseline_decay={self.baseline_decay} is invalid: expected [0, 1)")
 
 
 @dataclass
@@ -137,7 +151,8 @@ class LIRPGConfig(BilevelConfig):
         super().__post_init__()
         if self.meta_grad in ("eq17", "three-term"):
             raise ConfigError(
-                f"meta_grad={self.meta_grad!r} needs a CLN policy: lirpg accepts lirpg or exact"
+                f"meta_grad={self.meta_grad!r} needs a CLN policy: lirpg accepts lirpg, exact, "
+                "sampling-aware or dice"
             )
 
 
@@ -250,6 +265,7 @@ def train(
     run_dir = prepare_run_dir(out, resume)
     global_step, iteration = 0, 0
     pending_inputs: dict[str, Any] | None = None  # the previous policy round, to finish
+    baseline: float | None = None  # moving average of J_hat, for sampling-aware
     if ckpt is not None:
         theta = ckpt["theta"]
         eta = ckpt["eta"]
@@ -262,6 +278,7 @@ def train(
         torch.set_rng_state(ckpt["torch_rng"])
         global_step, iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
         pending_inputs = ckpt["pending"]
+        baseline = ckpt.get("baseline")
     write_run_config(run_dir, algo, C.to_dict(cfg))
     logger = RunLogger(run_dir, resume_step=global_step if resume else None)
     recent: list[float] = list(ckpt["recent_returns"]) if ckpt is not None else []
@@ -291,6 +308,7 @@ def train(
                 "torch_rng": torch.get_rng_state(),
                 "recent_returns": list(recent),
                 "pending": pending_inputs,
+                "baseline": baseline,
                 "policy": policy_snapshot(
                     cfg.env, policy, theta, collector.obs_norm, cfg.hidden, cond_of(eta)
                 ),
@@ -327,7 +345,11 @@ def train(
                 "act": batch.act.reshape(-1, act_dim),
                 "adv_ex": adv_ex.reshape(-1),
             }
-            step = _meta_gradient(cfg, problem, pending, pending_inputs, theta, eta, outer)
+            score_w = None
+            if cfg.meta_grad in ("sampling-aware", "dice"):
+                b = 0.0 if cfg.meta_grad == "dice" or baseline is None else baseline
+                score_w = score_weight(rollout.episodes, b, _reward_scale(collector), adv_ex)
+            step = _meta_gradient(cfg, problem, pending, pending_inputs, theta, eta, outer, score_w)
             step.inputs, step.outer, step.theta_next = pending_inputs, outer, theta
             updates, eta_state = eta_tx.update(step.grad, eta_state, params=eta, inplace=False)
             eta = {
@@ -339,6 +361,11 @@ def train(
             if on_meta_step is not None:
                 on_meta_step(step)
         pending = None
+        # the baseline takes in J_hat of tau_k only now that tau_k's meta-step is done
+        j_round = None if pending_inputs is None else pending_inputs.get("j_hat")
+        if j_round is not None:
+            d = cfg.baseline_decay
+            baseline = j_round if baseline is None else d * baseline + (1 - d) * j_round
         # ============================== POLICY ROUND (Eq 23): theta_k -> theta_{k+1} ==============
         with torch.no_grad():
             r_in = intrinsic_reward(reward_net, eta, batch.obs, batch.act)
@@ -349,13 +376,14 @@ def train(
             for idx in torch.randperm(cfg.batch_size, generator=update_gen).split(mb_size)
         ]
         pending_inputs = {
+            "j_hat": float(np.mean(rollout.episodes.returns)) if rollout.episodes.returns else None,
             "theta": theta,
             "opt_state": optimizer_state_to_list(theta_state),
             "batch": rb,
             "minibatches": mbs,
             "eta": eta,
         }
-        if cfg.meta_grad == "exact":
+        if cfg.meta_grad in FULL_ROUND:
             pending = _start(problem, theta_tx, pending_inputs, cfg)
             theta, theta_state = pending.theta_next, pending.opt_state
         else:
@@ -483,7 +511,7 @@ def _start(
 ) -> PendingMetaGradient:
     """Unroll the stored policy round (all of it, or the look-ahead) with its graph kept."""
     state = optimizer_state_from_list(tx.init(inputs["theta"]), inputs["opt_state"])
-    if cfg.meta_grad == "exact":
+    if cfg.meta_grad in FULL_ROUND:
         rnd = Round(inputs["batch"], inputs["minibatches"])
     else:
         full = torch.arange(inputs["batch"]["r_ex"].numel())
@@ -496,7 +524,7 @@ def _start(
         [rnd],
         opt_state=state,
         surrogate=cfg.surrogate,
-        terms=cfg.meta_grad != "exact",
+        terms=cfg.meta_grad not in FULL_ROUND,
     )
 
 
@@ -508,6 +536,7 @@ def _meta_gradient(
     theta_next: dict[str, Tensor],
     eta: dict[str, Tensor],
     outer: dict[str, Tensor],
+    score_w: float | None = None,
 ) -> MetaStep:
     """The validation round's gradient of ``L_out`` w.r.t. ``eta`` by the chosen estimator."""
     theta_den = inputs["theta"] if cfg.denominator == "theta_k" else theta_next
@@ -516,9 +545,20 @@ def _meta_gradient(
         diag = {"norm_eq17": float(flatten(g).norm())}
         return MetaStep(g, {"eq17": g}, diag)
     assert pending is not None
-    res = pending.finish(outer, denominator=cfg.denominator)
+    res = pending.finish(
+        outer, denominator=cfg.denominator, score_weight=score_w, magic_box=cfg.meta_grad == "dice"
+    )
     if cfg.meta_grad == "exact":
         return MetaStep(res.total, {"total": res.total}, res.diagnostics)
+    if cfg.meta_grad in ("sampling-aware", "dice"):
+        score = (
+            res.score
+            if res.score is not None
+            else {k: torch.zeros_like(v) for k, v in res.total.items()}
+        )
+        g = {k: res.total[k] + score[k] for k in res.total}
+        diag = dict(res.diagnostics, score_weight=0.0 if score_w is None else score_w)
+        return MetaStep(g, {"total": res.total, "score": score}, diag)
     assert res.eq12 is not None and res.eq13 is not None
     if cfg.meta_grad == "lirpg":
         return MetaStep(res.eq13, {"eq13": res.eq13}, res.diagnostics)
@@ -526,6 +566,34 @@ def _meta_gradient(
     g = {k: g17[k] + res.eq12[k] + res.eq13[k] for k in g17}
     diag = dict(res.diagnostics, norm_eq17=float(flatten(g17).norm()))
     return MetaStep(g, {"eq17": g17, "eq12": res.eq12, "eq13": res.eq13}, diag)
+
+
+def _reward_scale(collector: Any) -> float:
+    """The factor the reward scaler multiplies raw rewards by (1 when disabled)."""
+    rs = collector.rew_scaler
+    return 1.0 / math.sqrt(float(rs.rms.var) + rs.eps) if rs.enabled else 1.0
+
+
+def score_weight(
+    episodes: Any, baseline: float, reward_scale: float, adv_ex: Tensor
+) -> float | None:
+    r"""The sampling-aware term's weight ``w`` in ``grad_eta [w log p(tau_k)]`` (loss units).
+
+    The plain term is the PPO surrogate's gradient with normalised advantages, about
+    ``grad J / (sigma_A H)`` per episode (``sigma_A``: std of the extrinsic advantages, ``H``:
+    mean episode length); the score term is put on that scale:
+
+    .. math:: w = -rac{s\,(\hat J - b)}{\sigma_A H}
+
+    with ``s`` the reward scaler's factor (advantages are of scaled rewards) and the minus
+    sign because gradients are of ``L_out = -J``. ``None`` when no episode ended in the batch.
+    """
+    if not episodes.returns:
+        return None
+    j_hat = float(np.mean(episodes.returns))
+    horizon = float(np.mean(episodes.lengths))
+    sigma = float(adv_ex.std()) + 1e-8
+    return -reward_scale * (j_hat - baseline) / (sigma * horizon)
 
 
 def _critic_round(
