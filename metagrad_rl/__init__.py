@@ -1,9 +1,25 @@
 """metagrad_rl: exact higher-order meta-gradients for learning intrinsic rewards.
 
-See README.md and docs/equations.md for the map from the paper's equations to functions.
+The bilevel problem in file order: networks (CLN policy, intrinsic reward, critics) ->
+rollout and advantages -> PPO losses -> inner unroll -> meta-gradient terms and estimators ->
+trainers -> CLI. ``docs/equations.md`` maps every equation of the paper to its function.
 """
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.estimators import magic_box, score_function_term
+from metagrad_rl.explicit import (
+    explicit_sgd_terms,
+    hessian_vector_product,
+    mixed_second_order_product,
+)
+from metagrad_rl.memory import MemoryBudgetError, check_unroll_memory
+from metagrad_rl.metagrad import (
+    MetaGradResult,
+    PendingMetaGradient,
+    eq17_gradient,
+    meta_gradient,
+    start_meta_gradient,
+)
 from metagrad_rl.networks import (
     ConditionalLayerNorm,
     Critic,
@@ -13,6 +29,17 @@ from metagrad_rl.networks import (
     intrinsic_reward,
     policy_log_prob,
 )
+from metagrad_rl.problems import ppo_meta_problem
+from metagrad_rl.unroll import (
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Round,
+    meta_objective,
+    minibatch_indices,
+    unroll,
+)
+from metagrad_rl.verify import VerificationReport, verify_meta_gradient
 
 __version__ = "0.1.0"
 
@@ -20,9 +47,31 @@ __all__ = [
     "ConditionalLayerNorm",
     "ConfigError",
     "Critic",
+    "EtaPaths",
     "GaussianPolicy",
+    "InnerSurrogate",
     "IntrinsicReward",
+    "MemoryBudgetError",
+    "MetaGradResult",
+    "MetaProblem",
+    "PendingMetaGradient",
+    "Round",
+    "VerificationReport",
+    "check_unroll_memory",
     "cln_condition",
+    "eq17_gradient",
+    "explicit_sgd_terms",
+    "hessian_vector_product",
     "intrinsic_reward",
+    "magic_box",
+    "meta_gradient",
+    "meta_objective",
+    "minibatch_indices",
+    "mixed_second_order_product",
     "policy_log_prob",
+    "ppo_meta_problem",
+    "score_function_term",
+    "start_meta_gradient",
+    "unroll",
+    "verify_meta_gradient",
 ]
