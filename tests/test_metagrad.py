@@ -409,3 +409,55 @@ def test_score_term_against_finite_differences_of_the_batch_log_likelihood(n_rou
         ) / (2 * h)
         assert float(_vec(res.score) @ _vec(u)) == pytest.approx(float(fd), rel=1e-6)
     assert res.diagnostics["norm_score"] > 0
+
+
+# ------------------------------------------------------------------ a user's own problem
+
+
+def test_user_problem_against_closed_form():
+    """A quadratic bilevel problem written by a user, against its closed-form meta-gradient.
+
+    inner: L_in = 0.5 |theta - A eta_r|^2 / n per sample (reward path) + 0.5 theta^T B(eta_p) theta
+    with B = diag(eta_p^2) (policy path); one SGD step; outer: 0.5 |theta' - c|^2 + d^T eta_o.
+    """
+    from metagrad_rl.unroll import MetaProblem
+
+    torch.manual_seed(0)
+    n, dim = 4, 3
+    A = torch.randn(dim, dim, dtype=torch.float64)
+    c = torch.randn(dim, dtype=torch.float64)
+    d = torch.randn(dim, dtype=torch.float64)
+    w = torch.rand(n, dtype=torch.float64)
+
+    def prepare(batch, *, eta_reward, theta_old, eta_policy_old):
+        target = (A @ eta_reward["e"]).expand(n, dim)
+        return {"target": target, "w": batch["w"]}
+
+    def inner_loss(theta, mb, *, eta_policy):
+        t = theta["t"]
+        fit = 0.5 * (mb["w"][:, None] * (t - mb["target"]) ** 2).sum() / mb["w"].sum()
+        return fit + 0.5 * (eta_policy["e"] ** 2 * t**2).sum()
+
+    def outer_loss(theta, batch, *, eta_policy, theta_den, eta_den):
+        return 0.5 * ((theta["t"] - c) ** 2).sum() + d @ eta_policy["e"]
+
+    problem = MetaProblem(prepare, inner_loss, outer_loss)
+    theta = {"t": torch.randn(dim, dtype=torch.float64)}
+    eta = {"e": torch.randn(dim, dtype=torch.float64)}
+    lr = 0.3
+    res = meta_gradient(
+        problem,
+        torchopt.sgd(lr),
+        theta,
+        eta,
+        [Round({"w": w}, [torch.arange(n)])],
+        {"x": torch.zeros(1)},
+    )
+    t0, e = theta["t"], eta["e"]
+    t1 = t0 - lr * ((t0 - A @ e) + e**2 * t0)
+    v = t1 - c  # dL_out / dtheta'
+    torch.testing.assert_close(res.eq11["e"], d)
+    torch.testing.assert_close(res.eq13["e"], lr * A.T @ v)  # dtheta'/deta_r = lr A
+    torch.testing.assert_close(res.eq12["e"], -lr * 2 * e * t0 * v)  # dtheta'/deta_p
+    torch.testing.assert_close(res.eq14["e"], torch.zeros(dim, dtype=torch.float64))
+    torch.testing.assert_close(res.total["e"], d + lr * A.T @ v - lr * 2 * e * t0 * v)
