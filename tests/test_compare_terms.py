@@ -1,0 +1,177 @@
+"""benchmarks/compare_terms.py on tiny settings: its functions run and their numbers add up."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "compare_terms", ROOT / "benchmarks" / "compare_terms.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["compare_terms"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ct = _load()
+
+TINY = dict(num_steps=128, num_minibatches=4, update_epochs=2, eta_lr=1e-2)
+
+
+def test_accuracy_terms_sum_to_the_exact_total(tmp_path):
+    """On a tiny InvertedPendulum CLN run: Eq 11-14 add up to the engine's total (terms=False),
+    R=2 rows have a non-zero Eq 14, and Eq 17 at the trainer's theta_{k+1} equals Eq 11 (R=1)."""
+    rows = ct.run_accuracy(
+        tmp_path,
+        env="InvertedPendulum-v5",
+        total_steps=128 * 4,
+        checkpoints=2,
+        progress=False,
+        **TINY,
+    )
+    assert {r["R"] for r in rows} == {1, 2}
+    for r in rows:
+        assert r["norm_total"] > 0
+        assert 0.0 <= r["share_eq11"] and r["cos_eq11"] <= 1.0 + 1e-6
+    r1 = [r for r in rows if r["R"] == 1]
+    assert all(r["norm_eq14"] == 0.0 for r in r1)
+    assert all(r["eq17_vs_eq11_relerr"] < 1e-5 for r in r1)
+    assert all(abs(r["cos_three-term"] - 1.0) < 1e-5 for r in r1)  # R = 1: three-term is exact
+    assert any(r["norm_eq14"] > 0 for r in rows if r["R"] == 2)
+
+
+def test_terms_add_up_to_the_total_on_a_stored_round(tmp_path):
+    """terms_at's split against an independent terms=False total on the same stored batches."""
+    from metagrad_rl.metagrad import flatten, meta_gradient
+    from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer, train
+    from metagrad_rl.trainers.common import optimizer_state_from_list
+    from metagrad_rl.unroll import Round
+
+    cfg = CLNConfig(env="InvertedPendulum-v5", total_steps=128 * 3, checkpoint_every=0, **TINY)
+    steps = []
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    policy, reward = ct.nets_for(cfg, 4, 1)
+    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    s = steps[-1]
+    inp = s.inputs
+    state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+    rnd = Round(inp["batch"], inp["minibatches"])
+    split = meta_gradient(problem, tx, inp["theta"], inp["eta"], [rnd], s.outer, opt_state=state)
+    whole = meta_gradient(
+        problem, tx, inp["theta"], inp["eta"], [rnd], s.outer, opt_state=state, terms=False
+    )
+    terms = sum(flatten(getattr(split, n)) for n in ("eq11", "eq12", "eq13", "eq14"))
+    torch.testing.assert_close(terms, flatten(whole.total), rtol=1e-4, atol=1e-7)
+    rows = ct.terms_at(problem, tx, cfg, s, steps[-2])
+    assert rows[0]["norm_total"] == pytest.approx(float(flatten(whole.total).norm()), rel=1e-4)
+
+
+def test_table_writer_writes_csv_and_json(tmp_path):
+    rows = [{"a": 1, "b": 2.5}, {"a": 2, "c": "x"}]
+    csv_path, json_path = ct.write_rows(tmp_path, "t", rows, {"note": "n"})
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "a,b,c" and len(lines) == 3
+    data = json.loads(json_path.read_text())
+    assert data["rows"] == rows and data["note"] == "n"
+    assert "| a |" in ct.markdown([[1, 2]], ["a", "b"])
+
+
+def test_targets_say_pass_or_miss_and_by_how_much():
+    assert ct.target("x", 1.1, 1.2)["verdict"] == "PASS"
+    miss = ct.target("x", 3.3, 3.0)
+    assert miss["verdict"] == "MISS" and miss["margin"] == "+10% of the limit"
+
+
+def test_cost_section_runs_with_two_steps(tmp_path):
+    res = ct.run_cost(
+        tmp_path,
+        reps=1,
+        explicit_steps=2,
+        scaling=((1, 1), (2, 2)),
+        seed=0,
+        memory=False,
+        full_round_steps=2,
+        progress=False,
+    )
+    names = {r["name"] for r in res["estimators"]}
+    assert {"plain_round", "exact_total", "four_terms", "eq17", "explicit_sgd_2"} <= names
+    assert [r["inner_steps"] for r in res["growth"]] == [1, 4]
+    assert {t["verdict"] for t in res["targets"]} <= {"PASS", "MISS"}
+    ct.plot_cost(res, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    assert "Targets" in ct.cost_tables(res)
+
+
+def test_memory_probe_in_a_subprocess():
+    row = ct.probe("exact_total", 2, 1, 0, 2)
+    assert row["rss_peak_delta_bytes"] >= 0 and row["graph_bytes"] > 0
+
+
+def test_explicit_sgd_reference_matches_the_engine_on_the_cost_problem():
+    """The cost table's explicit SGD recursion computes the same terms as the engine on SGD."""
+    s = ct.CostSetup(0, steps=3)
+    eng, exp = s.engine_sgd(3), s.explicit_sgd(3)
+    for n in ("eq11", "eq12", "eq13", "total"):
+        a = torch.cat([v.reshape(-1) for v in getattr(eng, n).values()])
+        b = torch.cat([v.reshape(-1) for v in exp[n].values()])
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_learning_table_and_plots_from_run_directories(tmp_path):
+    root = tmp_path / "runs"
+    ct.tiny_runs(
+        root,
+        steps=128 * 2,
+        seeds=(1,),
+        meta_grads=("eq17",),
+        env="InvertedPendulum-v5",
+        num_steps=128,
+        progress=False,
+    )
+    groups = ct.run_groups([root])
+    assert set(groups) == {
+        "cln-eq17-InvertedPendulum-v5",
+        "lirpg-InvertedPendulum-v5",
+        "ppo-InvertedPendulum-v5",
+    }
+    rows = ct.learning_table(groups)
+    assert all(r["finished"] == 1 and r["final_mean"] is not None for r in rows)
+    png = ct.plot_groups(
+        groups,
+        {"p": [("cln-eq17-InvertedPendulum-v5", "cln")]},
+        tmp_path / "f.png",
+        metric="intrinsic_reward_mean",
+    )
+    assert png is not None and png.stat().st_size > 0
+
+
+def test_variance_rows_on_known_draws():
+    g = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 2.0], [2.0, -2.0]])
+    row = ct.variance_rows({"a": g, "b": -g})
+    assert row[0]["total_variance"] == pytest.approx(2 / 3 + 8 / 3)
+    assert row[0]["norm_of_mean"] == pytest.approx(2.0)
+    assert row[1]["cos_mean_with_plain_mean"] == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_mujoco_draws_from_a_tiny_run(tmp_path):
+    ct.run_accuracy(
+        tmp_path,
+        env="InvertedPendulum-v5",
+        total_steps=128 * 3,
+        checkpoints=0,
+        progress=False,
+        **TINY,
+    )
+    res = ct.mujoco_draws(tmp_path / "run" / "checkpoint.pt", 3, 0, progress=False)
+    assert len(res["rows"]) == 3 and all(r["total_variance"] >= 0 for r in res["rows"])
