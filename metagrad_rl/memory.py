@@ -31,7 +31,9 @@ class GraphMemoryMeter:
     """Counts the bytes of distinct tensor storages saved for backward inside a ``with`` block.
 
     A storage saved by several nodes is counted once. Parameters and inputs that exist
-    anyway are counted too, so this is an upper bound on what the graph adds.
+    anyway are counted too, so this is an upper bound on what the graph adds. The graph built
+    inside must be freed by a backward pass (without ``retain_graph``): the hook keeps each
+    saved tensor itself, and for a node's own output that is a cycle only a backward breaks.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -108,7 +110,15 @@ def probe_bytes(
     x = {FLAT_KEY: layout.flatten(theta_k).detach().requires_grad_(True)}
     state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
     with GraphMemoryMeter() as m_step:
-        inner_step(problem, tx, x, state, mb, eta_, True, lambda p: layout.unflatten(p[FLAT_KEY]))
+        x1, _ = inner_step(
+            problem, tx, x, state, mb, eta_, True, lambda p: layout.unflatten(p[FLAT_KEY])
+        )
+    # A saved-tensor hook that returns the tensor it was given makes a reference cycle
+    # (output -> its grad_fn -> the saved output) that Python's GC cannot see. A backward pass
+    # frees the saved tensors and so breaks the cycles; without it every probe would leak.
+    outs = [v for v in (*data.values(), x1[FLAT_KEY]) if v.requires_grad]
+    leaves = [*theta_k.values(), *eta_.values(), x[FLAT_KEY]]
+    torch.autograd.grad([o.sum() for o in outs], leaves, allow_unused=True)
     return m_prep.peak_bytes, m_step.peak_bytes
 
 
