@@ -60,22 +60,20 @@ def second_derivative_products(
     def g(x0: Tree) -> tuple[Tree, ...]:
         return grad(f, argnums=argnums)(x0, *args[1:])
 
-    _, tangents = jvp(g, (args[0],), (v,))
-    return tangents
+    out = jvp(g, (args[0],), (v,))
+    return out[1]
 
 
 def mixed_second_order_product(
     f: Callable[[Tree, Tree], Tensor], theta: Tree, eta: Tree, v: Tree
 ) -> Tree:
     """Eq 12's primitive: ``D_eta (v^T grad_theta f(theta, eta))`` by ``jvp(grad_eta f)``."""
-    _, out = jvp(lambda th: grad(f, argnums=1)(th, eta), (theta,), (v,))
-    return out
+    return jvp(lambda th: grad(f, argnums=1)(th, eta), (theta,), (v,))[1]
 
 
 def hessian_vector_product(f: Callable[[Tree], Tensor], theta: Tree, v: Tree) -> Tree:
     """``H v`` with ``H = d^2 f / dtheta^2`` by ``jvp(grad f)``."""
-    _, out = jvp(grad(f), (theta,), (v,))
-    return out
+    return jvp(grad(f), (theta,), (v,))[1]
 
 
 def _inner_fn(problem: MetaProblem, batch: Batch, idx: Tensor) -> Callable[..., Tensor]:

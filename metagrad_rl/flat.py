@@ -47,8 +47,9 @@ class FlatLayout:
 
     def _leaf_order(self) -> list[int]:
         """Indices of ``names`` in the order TorchOpt's pytree flattens a dict (sorted keys)."""
-        leaves, _ = torchopt.pytree.tree_flatten({k: i for i, k in enumerate(self.names)})
-        return list(leaves)
+        index: Any = {k: i for i, k in enumerate(self.names)}
+        leaves, _ = torchopt.pytree.tree_flatten(index)
+        return [int(i) for i in leaves]
 
     def _map_state(self, state: Any, convert: Any) -> Any:
         if isinstance(state, list):
@@ -58,7 +59,7 @@ class FlatLayout:
             items = [self._map_state(v, convert) for v in state]
             return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
         if isinstance(state, Mapping):
-            return type(state)({k: self._map_state(v, convert) for k, v in state.items()})
+            return {k: self._map_state(v, convert) for k, v in state.items()}
         return state
 
     def flatten_state(self, state: Any) -> Any:

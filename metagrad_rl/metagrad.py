@@ -219,7 +219,7 @@ class PendingMetaGradient:
             loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
         self._res = None
         score = None
-        if loglik is not None:
+        if loglik is not None and score_weight is not None:
             groups = list(paths) if self.terms else [paths.outer]
             objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
             parts = _grads_many(objective, groups, retain_graph=True)

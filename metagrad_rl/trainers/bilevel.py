@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ class BilevelConfig(PPOConfig):
 class CLNConfig(BilevelConfig):
     """CLN: a policy conditioned on the intrinsic reward's last two layers (Eq 20-22)."""
 
-    CONDITIONINGS = ("cln",)
+    CONDITIONINGS: ClassVar[tuple[str, ...]] = ("cln",)
     conditioning: str = "cln"
     """Normalisation of the policy's last hidden layer: cln (conditioned on eta)."""
 
@@ -157,16 +157,21 @@ class LIRPGConfig(BilevelConfig):
             )
 
 
+@dataclass
 class MetaStep:
-    """What one validation round used and applied (for logs, tests and benchmarks)."""
+    """What one validation round used and applied (for logs, tests and benchmarks).
 
-    def __init__(
-        self,
-        grad: dict[str, Tensor],
-        terms: dict[str, dict[str, Tensor]],
-        diagnostics: dict[str, float],
-    ) -> None:
-        self.grad, self.terms, self.diagnostics = grad, terms, diagnostics
+    ``inputs`` is the policy round being differentiated (``theta`` = theta_k, ``opt_state``,
+    round ``batch``, ``minibatches``, ``eta``); ``outer`` the validation batch ``tau_{k+1}``;
+    ``theta_next`` the policy after the round.
+    """
+
+    grad: dict[str, Tensor]
+    terms: dict[str, dict[str, Tensor]]
+    diagnostics: dict[str, float]
+    inputs: dict[str, Any] | None = None
+    outer: dict[str, Tensor] | None = None
+    theta_next: dict[str, Tensor] | None = None
 
 
 def round_batch(batch: Batch, v_mix: Tensor, v_mix_next: Tensor) -> dict[str, Tensor]:

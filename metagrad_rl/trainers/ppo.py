@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class PPOConfig:
     """Hyperparameters of PPO (CleanRL's MuJoCo defaults)."""
 
     #: Accepted values of ``conditioning`` (a CLN policy needs an intrinsic reward).
-    CONDITIONINGS = ("none", "layernorm")
+    CONDITIONINGS: ClassVar[tuple[str, ...]] = ("none", "layernorm")
 
     env: str = "Hopper-v5"
     """Gymnasium environment id (continuous Box action space)."""
