@@ -73,6 +73,7 @@ from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
 from metagrad_rl.trainers.common import (
     FlatParams,
+    linear_schedule,
     make_collector,
     make_optimizer,
     optimizer_state_from_list,
@@ -126,6 +127,15 @@ class BilevelConfig(PPOConfig):
         C.positive_float("adam_eps_root", self.adam_eps_root)
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay={self.baseline_decay} is invalid: expected [0, 1)")
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def steps_per_round(self) -> int:
+        """Inner steps of one policy round (epochs x minibatches)."""
+        return self.update_epochs * math.ceil(self.batch_size / self.minibatch_size)
 
 
 @dataclass
@@ -246,27 +256,21 @@ def train(
     theta = {k: v.detach().clone() for k, v in params_of(policy).items()}
     eta = {k: v.detach().clone() for k, v in params_of(reward_net).items()}
     critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
-    mb_size = cfg.batch_size // cfg.num_minibatches
-    steps_per_round = cfg.update_epochs * math.ceil(cfg.batch_size / mb_size)
+    mb_size = cfg.minibatch_size
     theta_tx = policy_optimizer(cfg)
     critic_tx = make_optimizer(
-        cfg.lr, steps_per_round, cfg.num_iterations, cfg.anneal_lr, cfg.max_grad_norm, cfg.adam_eps
+        cfg.lr,
+        cfg.steps_per_round,
+        cfg.num_iterations,
+        cfg.anneal_lr,
+        cfg.max_grad_norm,
+        cfg.adam_eps,
     )
     eta_tx = torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps)
     theta_state = theta_tx.init(theta)
     critic_state = critic_tx.init((critics.flat,))
     eta_state = eta_tx.init(eta)
-    problem = ppo_meta_problem(
-        policy,
-        reward_net,
-        gamma=cfg.gamma,
-        lam=cfg.gae_lambda,
-        clip=cfg.clip_coef,
-        r_ex_coef=cfg.r_ex_coef,
-        r_in_coef=cfg.r_in_coef,
-        ent_coef=cfg.ent_coef,
-        normalize_advantages=cfg.norm_adv,
-    )
+    problem = build_problem(cfg, policy, reward_net)
     update_gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     run_dir = prepare_run_dir(out, resume)
     global_step, iteration = 0, 0
@@ -494,18 +498,9 @@ def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: Intrin
 
 def policy_optimizer(cfg: BilevelConfig) -> Any:
     """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable."""
-    mb_size = cfg.batch_size // cfg.num_minibatches
-    steps_per_round = cfg.update_epochs * math.ceil(cfg.batch_size / mb_size)
-    schedule = _lr_schedule(cfg.lr, steps_per_round, cfg.num_iterations, cfg.anneal_lr)
+    schedule = linear_schedule(cfg.lr, cfg.steps_per_round, cfg.num_iterations, cfg.anneal_lr)
     adam = torchopt.adam(schedule, eps=cfg.adam_eps, eps_root=cfg.adam_eps_root)
     return torchopt.chain(torchopt.clip_grad_norm(cfg.max_grad_norm), adam)
-
-
-def _lr_schedule(lr: float, per_iter: int, num_iter: int, anneal: bool) -> Callable[[Any], Any]:
-    def schedule(count: Any) -> Any:
-        return lr * (1.0 - (count // per_iter) / num_iter) if anneal else lr
-
-    return schedule
 
 
 def _detach_tree(state: Any) -> Any:
