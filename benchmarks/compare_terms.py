@@ -309,29 +309,33 @@ def run_accuracy(
     checkpoints: int = 3,
     seed: int = 1,
     meta_grad: str = "eq17",
+    schedule_factor: int = 5,
     progress: bool = True,
     **cfg_kw: Any,
 ) -> list[Row]:
     """Trains CLN (``meta_grad`` drives eta) and recomputes every term at ``checkpoints`` steps.
 
-    The run itself is kept in ``out/run`` (its final checkpoint is the fixed state of the bias
-    section's MuJoCo experiment).
+    The run is the first ``total_steps`` of a run of ``schedule_factor * total_steps`` (so
+    that the annealed policy step size is still ``>= 1 - 1/schedule_factor`` of its start, as
+    early in a real run, instead of reaching 0 at the last round). It is kept in ``out/run``;
+    its final checkpoint is the fixed state of the bias section's MuJoCo experiment.
     """
     cfg = CLNConfig(
         env=env,
         meta_grad=meta_grad,
         seed=seed,
-        total_steps=total_steps,
+        total_steps=total_steps * schedule_factor,
         checkpoint_every=0,
         **cfg_kw,
     )
+    iterations = total_steps // cfg.batch_size
     obs_dim, act_dim = env_dims(env)
     policy, reward = nets_for(cfg, obs_dim, act_dim)
     problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
-    picks = set(checkpoint_indices(cfg.num_iterations - 1, checkpoints))
+    picks = set(checkpoint_indices(iterations - 1, checkpoints))
     rows: list[Row] = []
     state = {"i": 0, "prev": None}
-    bar = tqdm(total=cfg.num_iterations, desc="accuracy: CLN run", disable=not progress)
+    bar = tqdm(total=iterations, desc="accuracy: CLN run", disable=not progress)
 
     def on_meta_step(step: Any) -> None:
         i = state["i"]
@@ -348,7 +352,13 @@ def run_accuracy(
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_run_dir(run_dir)
-    bilevel.train(cfg, run_dir, progress=lambda *_: bar.update(1), on_meta_step=on_meta_step)
+    bilevel.train(
+        cfg,
+        run_dir,
+        progress=lambda *_: bar.update(1),
+        stop_at_step=iterations * cfg.batch_size,
+        on_meta_step=on_meta_step,
+    )
     bar.close()
     return rows
 
@@ -397,7 +407,10 @@ def accuracy_tables(rows: Sequence[Row]) -> str:
 
 
 def plot_accuracy(rows: Sequence[Row], path: Path) -> Path:
+    """Norm of each term and each estimator's cosine with the total (solid R = 1, dashed R = 2)."""
     plt = pyplot()
+    colors = dict(zip(("eq11", "eq12", "eq13", "eq14", "total"), plt.cm.tab10.colors))
+    colors.update(zip(("eq17", "lirpg", "three-term", "three-term-lookahead"), plt.cm.Dark2.colors))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r_, ls in ((1, "-"), (2, "--")):
         sub = [r for r in rows if r["R"] == r_]
@@ -405,18 +418,21 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> Path:
             continue
         x = [r["env_steps"] for r in sub]
         for n in ("eq11", "eq12", "eq13", "eq14", "total"):
-            y = [max(r[f"norm_{n}"], 1e-12) for r in sub]
-            axes[0].plot(x, y, ls, marker="o", label=f"{n} R={r_}")
+            if n == "eq14" and r_ == 1:
+                continue  # zero with one round
+            y = [r[f"norm_{n}"] for r in sub]
+            axes[0].plot(x, y, ls, marker="o", color=colors[n], label=f"{n} R={r_}")
         for e in ("eq17", "lirpg", "three-term", "three-term-lookahead"):
-            axes[1].plot(x, [r[f"cos_{e}"] for r in sub], ls, marker="o", label=f"{e} R={r_}")
+            y = [r[f"cos_{e}"] for r in sub]
+            axes[1].plot(x, y, ls, marker="o", color=colors[e], label=f"{e} R={r_}")
     axes[0].set_yscale("log")
-    axes[0].set_title("norm of each term")
-    axes[1].set_title("cosine with the exact total")
+    axes[0].set_title("norm of each term (solid R=1, dashed R=2)")
+    axes[1].set_title("cosine with the exact total of the same R")
     axes[1].axhline(0, color="k", lw=0.5)
     for ax in axes:
         ax.set_xlabel("environment steps")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     return save_png(fig, path)
 
 
@@ -652,6 +668,13 @@ def eq12_product_times(
     def product() -> Any:
         return mixed_second_order_product(f, theta, eta, v)
 
+    eta_leaves = {k: t.detach().clone().requires_grad_(True) for k, t in eta.items()}
+
+    def product_reverse() -> Any:  # reverse-over-reverse, for comparison (not in the engine)
+        g = torch.autograd.grad(f(leaves, eta_leaves), list(leaves.values()), create_graph=True)
+        dot = sum((gi * v[k]).sum() for gi, k in zip(g, leaves))
+        return torch.autograd.grad(dot, list(eta_leaves.values()), allow_unused=True)
+
     def many(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> None:
             for _ in range(calls):
@@ -663,28 +686,49 @@ def eq12_product_times(
         "grad_autograd": many(autograd_grad),
         "grad_func": many(func_grad),
         "eq12_product": many(product),
+        "eq12_product_reverse_over_reverse": many(product_reverse),
     }
     t = interleaved_times(fns, reps, seed, "cost: Eq 12 product", progress=False)
     return {k: [x / calls for x in v_] for k, v_ in t.items()}
 
 
 # ---- peak memory, each computation in a fresh process -------------------------------------------
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` (Linux), else ``ru_maxrss``.
+
+    ``ru_maxrss`` of a process started by a large parent starts at the parent's RSS (Linux keeps
+    it across fork and exec), which hides the child's own peak; ``VmHWM`` belongs to the
+    process's own address space.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def probe_main(name: str, steps: int | None, rounds: int, seed: int, explicit_steps: int) -> Row:
     """Runs in a subprocess: peak RSS of one computation above the post-setup baseline."""
     torch.set_num_threads(1)
     s = CostSetup(seed, steps, rounds)
     fns = estimator_fns(s, explicit_steps)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss_bytes()
+    base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     fns[name]()
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
+    peak_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row: Row = {
         "name": name,
         "steps": steps,
         "rounds": rounds,
         "rss_base_bytes": base,
         "rss_peak_delta_bytes": peak - base,
+        "ru_maxrss_delta_bytes": peak_ru - base_ru,
         "wall_s_probe": wall,
     }
     if name in ("exact_total", "four_terms"):
@@ -724,6 +768,7 @@ def run_cost(
     seed: int = 0,
     memory: bool = True,
     full_round_steps: int | None = None,
+    eq12_reps: int = 15,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Times (interleaved, medians) and peak memory (subprocesses) of every computation.
@@ -752,7 +797,7 @@ def run_cost(
                 "times_s": ts,
             }
         )
-    eq12 = eq12_product_times(s, max(reps, 7) * 2, seed)
+    eq12 = eq12_product_times(s, eq12_reps, seed)
     eq12_rows = [
         {
             "name": k,

@@ -101,6 +101,7 @@ def test_cost_section_runs_with_two_steps(tmp_path):
         seed=0,
         memory=False,
         full_round_steps=2,
+        eq12_reps=1,
         progress=False,
     )
     names = {r["name"] for r in res["estimators"]}
