@@ -170,6 +170,8 @@ def test_one_step_eq12_is_the_papers_mixed_second_derivative():
 
     eq12 = mixed_second_order_product(pg_loss, theta, eta, v)
     torch.testing.assert_close(_vec(res.eq12), -lr * _vec(eq12), rtol=1e-10, atol=1e-14)
+    eq12_jvp = mixed_second_order_product(pg_loss, theta, eta, v, method="jvp")
+    torch.testing.assert_close(_vec(eq12_jvp), _vec(eq12), rtol=1e-10, atol=1e-14)
 
     # The detached surrogate adds the score-product term -alpha E[A (g_theta . v) g_eta].
     det = meta_gradient(problem, torchopt.sgd(lr), theta, eta, rounds, outer, surrogate="detached")
