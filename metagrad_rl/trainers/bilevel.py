@@ -293,7 +293,8 @@ def train(
     logger = RunLogger(run_dir, resume_step=global_step if resume else None)
     recent: list[float] = list(ckpt["recent_returns"]) if ckpt is not None else []
     pending: PendingMetaGradient | None = None
-    if pending_inputs is not None:  # a resumed run re-runs the unroll it had in flight
+    if pending_inputs is not None and cfg.meta_grad != "eq17":
+        # a resumed run re-runs the unroll it had in flight
         pending = _start(problem, theta_tx, pending_inputs, cfg)
 
     def cond_of(e: dict[str, Tensor]) -> Tensor | None:
