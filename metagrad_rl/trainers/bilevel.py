@@ -52,7 +52,6 @@ from metagrad_rl.logging import (
     RunLogger,
     prepare_run_dir,
     write_run_config,
-    write_summary,
 )
 from metagrad_rl.metagrad import (
     PendingMetaGradient,
@@ -73,6 +72,8 @@ from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
 from metagrad_rl.trainers.common import (
     FlatParams,
+    episode_row,
+    finish_run,
     linear_schedule,
     make_collector,
     make_optimizer,
@@ -440,10 +441,7 @@ def train(
             global_step,
             cfg.batch_size,
             {
-                "iteration": iteration,
-                "episodic_return": float(np.mean(eps.returns)) if eps.returns else "",
-                "episodic_length": float(np.mean(eps.lengths)) if eps.lengths else "",
-                "episodes": len(eps.returns),
+                **episode_row(iteration, eps),
                 "intrinsic_return": float(np.mean(in_returns)) if in_returns else "",
                 "intrinsic_reward_mean": float(r_in.mean()),
                 **{k: meta_row.get(k, "") for k in _META_LOG_KEYS},
@@ -455,20 +453,9 @@ def train(
         if progress is not None:
             progress(global_step, row)
     checkpoint()
-    summary = {
-        "algo": algo,
-        "env": cfg.env,
-        "seed": cfg.seed,
-        "meta_grad": cfg.meta_grad,
-        "global_step": global_step,
-        "finished": iteration >= cfg.num_iterations,
-        "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
-        "wall_time_s": logger.elapsed(),
-    }
-    if summary["finished"]:
-        write_summary(run_dir, summary)
-    collector.envs.close()
-    return summary
+    fields = {"algo": algo, "env": cfg.env, "seed": cfg.seed, "meta_grad": cfg.meta_grad}
+    finished = iteration >= cfg.num_iterations
+    return finish_run(run_dir, collector, logger, fields, global_step, finished, recent)
 
 
 _META_LOG_KEYS = (

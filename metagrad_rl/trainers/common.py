@@ -332,6 +332,44 @@ def policy_snapshot(
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Run bookkeeping
+# ---------------------------------------------------------------------------------------------
+def episode_row(iteration: int, episodes: Any) -> dict[str, Any]:
+    """The per-iteration log columns every trainer writes about finished episodes."""
+    return {
+        "iteration": iteration,
+        "episodic_return": float(np.mean(episodes.returns)) if episodes.returns else "",
+        "episodic_length": float(np.mean(episodes.lengths)) if episodes.lengths else "",
+        "episodes": len(episodes.returns),
+    }
+
+
+def finish_run(
+    run_dir: Any,
+    collector: Any,
+    logger: Any,
+    fields: Mapping[str, Any],
+    global_step: int,
+    finished: bool,
+    recent: list[float],
+) -> dict[str, Any]:
+    """The run's summary; written to ``summary.json`` (atomically) only if it finished."""
+    from metagrad_rl.logging import write_summary
+
+    summary = {
+        **fields,
+        "global_step": global_step,
+        "finished": finished,
+        "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
+        "wall_time_s": logger.elapsed(),
+    }
+    if finished:
+        write_summary(run_dir, summary)
+    collector.envs.close()
+    return summary
+
+
 def rng_state(rng: np.random.Generator) -> str:
     return json.dumps(rng.bit_generator.state)
 

@@ -27,14 +27,15 @@ from metagrad_rl.logging import (
     RunLogger,
     prepare_run_dir,
     write_run_config,
-    write_summary,
 )
 from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, params_of
 from metagrad_rl.rollout import collect_rollout
 from metagrad_rl.trainers.common import (
     FlatParams,
     PPOCoefs,
+    episode_row,
     explained_variance,
+    finish_run,
     flatten_batch,
     make_collector,
     make_optimizer,
@@ -309,10 +310,7 @@ def train(
             global_step,
             cfg.batch_size,
             {
-                "iteration": iteration,
-                "episodic_return": float(np.mean(eps.returns)) if eps.returns else "",
-                "episodic_length": float(np.mean(eps.lengths)) if eps.lengths else "",
-                "episodes": len(eps.returns),
+                **episode_row(iteration, eps),
                 **stats,
                 "explained_variance": explained_variance(data.old_values, data.returns),
                 "lr": lr_now,
@@ -323,16 +321,6 @@ def train(
         if progress is not None:
             progress(global_step, row)
     checkpoint()
-    summary = {
-        "algo": ALGO,
-        "env": cfg.env,
-        "seed": cfg.seed,
-        "global_step": global_step,
-        "finished": iteration >= cfg.num_iterations,
-        "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
-        "wall_time_s": logger.elapsed(),
-    }
-    if summary["finished"]:
-        write_summary(run_dir, summary)
-    collector.envs.close()
-    return summary
+    fields = {"algo": ALGO, "env": cfg.env, "seed": cfg.seed}
+    finished = iteration >= cfg.num_iterations
+    return finish_run(run_dir, collector, logger, fields, global_step, finished, recent)
