@@ -90,7 +90,7 @@ from metagrad_rl.trainers.common import (
     FlatParams,
     Minibatch,
     PPOCoefs,
-    make_collector,
+    collector_for,
     make_optimizer,
     optimizer_state_from_list,
     ppo_update,
@@ -508,7 +508,7 @@ class CostSetup:
     def eq17(self) -> Any:
         return eq17_gradient(self.problem, self.theta, self.eta, self.outer)
 
-    def exact_total(self, measure_memory: bool = False) -> Any:
+    def _meta(self, terms: bool, measure_memory: bool) -> Any:
         return meta_gradient(
             self.problem,
             self.tx,
@@ -517,22 +517,15 @@ class CostSetup:
             self.rounds,
             self.outer,
             opt_state=self.state,
-            terms=False,
+            terms=terms,
             measure_memory=measure_memory,
         )
 
+    def exact_total(self, measure_memory: bool = False) -> Any:
+        return self._meta(False, measure_memory)
+
     def four_terms(self, measure_memory: bool = False) -> Any:
-        return meta_gradient(
-            self.problem,
-            self.tx,
-            self.theta,
-            self.eta,
-            self.rounds,
-            self.outer,
-            opt_state=self.state,
-            terms=True,
-            measure_memory=measure_memory,
-        )
+        return self._meta(True, measure_memory)
 
     def sgd_rounds(self, steps: int) -> list[Round]:
         return [Round(self.rounds[0].batch, list(self.rounds[0].minibatches)[:steps])]
@@ -1228,17 +1221,7 @@ def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) 
     plain, glp, w_b, w_0, j_hat = [], [], [], [], []
     mb_size = cfg.batch_size // cfg.num_minibatches
     for m in tqdm(range(draws), desc="bias: Hopper draws", disable=not progress):
-        col = make_collector(
-            cfg.env,
-            cfg.num_envs,
-            50_000 + 97 * m + seed,
-            cfg.gamma,
-            cfg.normalize_obs,
-            cfg.normalize_reward,
-            cfg.clip_obs,
-            cfg.clip_reward,
-            cfg.max_episode_steps or None,
-        )
+        col = collector_for(cfg, seed=50_000 + 97 * m + seed)
         col.obs_norm.load_state_dict(ckpt["collector"]["obs_norm"])
         col.rew_scaler.load_state_dict(ckpt["collector"]["rew_scaler"])
         col.obs = col.obs_norm(col.envs.reset(), update=False)

@@ -72,10 +72,10 @@ from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
 from metagrad_rl.trainers.common import (
     FlatParams,
+    collector_for,
     episode_row,
     finish_run,
     linear_schedule,
-    make_collector,
     make_optimizer,
     optimizer_state_from_list,
     optimizer_state_to_list,
@@ -233,17 +233,7 @@ def train(
         check_resume_config(ckpt["config"], cfg)
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
-    collector = make_collector(
-        cfg.env,
-        cfg.num_envs,
-        cfg.seed,
-        cfg.gamma,
-        cfg.normalize_obs,
-        cfg.normalize_reward,
-        cfg.clip_obs,
-        cfg.clip_reward,
-        cfg.max_episode_steps or None,
-    )
+    collector = collector_for(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
     policy = GaussianPolicy(

@@ -130,6 +130,21 @@ def make_collector(
     return Collector(envs, obs_norm, rew_scaler, seed=seed + 1_000_003)
 
 
+def collector_for(cfg: Any, seed: int | None = None) -> Collector:
+    """:func:`make_collector` from a trainer config's fields (``seed`` overrides ``cfg.seed``)."""
+    return make_collector(
+        cfg.env,
+        cfg.num_envs,
+        cfg.seed if seed is None else seed,
+        cfg.gamma,
+        cfg.normalize_obs,
+        cfg.normalize_reward,
+        cfg.clip_obs,
+        cfg.clip_reward,
+        cfg.max_episode_steps or None,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO loss and update
 # ---------------------------------------------------------------------------------------------

@@ -33,11 +33,11 @@ from metagrad_rl.rollout import collect_rollout
 from metagrad_rl.trainers.common import (
     FlatParams,
     PPOCoefs,
+    collector_for,
     episode_row,
     explained_variance,
     finish_run,
     flatten_batch,
-    make_collector,
     make_optimizer,
     optimizer_state_from_list,
     optimizer_state_to_list,
@@ -203,17 +203,7 @@ def train(
         check_resume_config(ckpt["config"], cfg)
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
-    collector = make_collector(
-        cfg.env,
-        cfg.num_envs,
-        cfg.seed,
-        cfg.gamma,
-        cfg.normalize_obs,
-        cfg.normalize_reward,
-        cfg.clip_obs,
-        cfg.clip_reward,
-        cfg.max_episode_steps or None,
-    )
+    collector = collector_for(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
     policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
