@@ -29,6 +29,7 @@ from metagrad_rl.networks import (
     intrinsic_reward,
     policy_log_prob,
 )
+from metagrad_rl.optim import clip_grad_norm, graph_cuts
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.unroll import (
     EtaPaths,
@@ -58,9 +59,11 @@ __all__ = [
     "Round",
     "VerificationReport",
     "check_unroll_memory",
+    "clip_grad_norm",
     "cln_condition",
     "eq17_gradient",
     "explicit_sgd_terms",
+    "graph_cuts",
     "hessian_vector_product",
     "intrinsic_reward",
     "magic_box",

@@ -67,6 +67,7 @@ from metagrad_rl.networks import (
     intrinsic_reward,
     params_of,
 )
+from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import value_loss
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
@@ -478,7 +479,7 @@ def policy_optimizer(cfg: BilevelConfig) -> Any:
     """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable."""
     schedule = linear_schedule(cfg.lr, cfg.steps_per_round, cfg.num_iterations, cfg.anneal_lr)
     adam = torchopt.adam(schedule, eps=cfg.adam_eps, eps_root=cfg.adam_eps_root)
-    return torchopt.chain(torchopt.clip_grad_norm(cfg.max_grad_norm), adam)
+    return torchopt.chain(clip_grad_norm(cfg.max_grad_norm), adam)
 
 
 def _detach_tree(state: Any) -> Any:

@@ -29,6 +29,7 @@ from metagrad_rl.advantages import normalize
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_entropy, gaussian_log_prob
+from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.rollout import Batch, Collector, critic_values, policy_outputs
 
@@ -297,12 +298,16 @@ def make_optimizer(
     max_grad_norm: float | None = 0.5,
     eps: float = 1e-5,
 ) -> torchopt.base.GradientTransformation:
-    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps))`` (TorchOpt, pure Python)."""
+    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps))``.
+
+    The clip is :func:`metagrad_rl.optim.clip_grad_norm` (its factor stays on the graph), the
+    Adam TorchOpt's pure-Python one.
+    """
     schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr)
     adam = torchopt.adam(lr=schedule, eps=eps)
     if max_grad_norm is None or math.isinf(max_grad_norm):
         return adam
-    return torchopt.chain(torchopt.clip_grad_norm(max_grad_norm), adam)
+    return torchopt.chain(clip_grad_norm(max_grad_norm), adam)
 
 
 def optimizer_state_to_list(state: Any) -> list[Tensor]:

@@ -1,0 +1,149 @@
+"""Differentiable optimizer pieces, and the check that an optimizer chain keeps its graph.
+
+TorchOpt 0.7.3's ``torchopt.clip_grad_norm`` computes the global norm under ``torch.no_grad()``
+and turns the clip factor into a Python float. Inside a differentiable unroll the factor is
+then a constant, and whenever clipping fires the unrolled meta-gradient is not the derivative
+of the update that actually ran: a clipped step ``g * c / |g|`` has the Jacobian
+``(c / |g|) (I - g g^T / |g|^2)`` (the radial direction is projected out), not ``c / |g| I``.
+
+:func:`clip_grad_norm` is the same transformation with the factor kept on the graph.
+:func:`graph_cuts` names the pieces of a chain that leave the graph; the engine refuses them
+(:func:`metagrad_rl.metagrad.meta_gradient`), and users can call it on their own chains.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torchopt
+from torch import Tensor
+
+from metagrad_rl.errors import ConfigError
+
+GradientTransformation = torchopt.base.GradientTransformation
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """:func:`clip_grad_norm` keeps no state."""
+
+
+def global_norm(updates: Any, norm_type: float = 2.0) -> Tensor:
+    """The norm of all tensors of a pytree together, as one differentiable scalar.
+
+    The 2-norm is ``sqrt`` of the sum of squares with the zero vector guarded, so that its
+    first *and second* derivatives are finite there (``vector_norm``'s double backward at 0 is
+    NaN, which would poison an unroll through an all-zero gradient).
+    """
+    leaves = [u for u in torchopt.pytree.tree_leaves(updates) if isinstance(u, Tensor)]
+    if norm_type == math.inf:
+        return torch.stack([u.abs().max() for u in leaves]).max()
+    if norm_type == 2.0:
+        sq = torch.stack([u.square().sum() for u in leaves]).sum()
+        positive = sq > 0
+        return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(u, norm_type) for u in leaves]), norm_type
+    )
+
+
+def clip_grad_norm(
+    max_norm: float, *, eps: float = 1e-6, norm_type: float = 2.0
+) -> GradientTransformation:
+    r"""Scale the updates by ``min(1, max_norm / (|g| + eps))``, ``|g|`` their global norm.
+
+    The same values as ``torchopt.clip_grad_norm(max_norm)`` (and ``torch.nn.utils.
+    clip_grad_norm_``), but the factor stays on the autograd graph, so a differentiable unroll
+    through a clipped step is exact:
+
+    .. math:: \frac{\partial}{\partial g}\Big(\frac{c\,g}{\lVert g\rVert + \epsilon}\Big)
+              = \frac{c}{\lVert g\rVert + \epsilon}\Big(I - \frac{g g^\top}
+                {\lVert g\rVert(\lVert g\rVert + \epsilon)}\Big)
+              \quad\text{when clipping fires, } I \text{ otherwise.}
+
+    Works inside ``torchopt.chain`` on a flat vector or a dict of tensors (the norm is global
+    either way), with ``inplace`` True or False.
+    """
+    if not (isinstance(max_norm, int | float) and max_norm > 0 and math.isfinite(max_norm)):
+        raise ConfigError(f"max_norm={max_norm!r} is invalid: expected a finite number > 0")
+    if norm_type != math.inf and not norm_type > 0:
+        raise ConfigError(f"norm_type={norm_type!r} is invalid: expected > 0 or math.inf")
+
+    def init_fn(params: Any) -> ClipByGlobalNormState:
+        return ClipByGlobalNormState()
+
+    def update_fn(
+        updates: Any, state: Any, *, params: Any = None, inplace: bool = True
+    ) -> tuple[Any, Any]:
+        if not torchopt.pytree.tree_leaves(updates):
+            return updates, state
+        factor = torch.clamp(max_norm / (global_norm(updates, norm_type) + eps), max=1.0)
+        if inplace:
+            return torchopt.pytree.tree_map(lambda g: g.mul_(factor), updates), state
+        return torchopt.pytree.tree_map(lambda g: g * factor, updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+#: ``(module, qualified name of update_fn) -> why it cuts the graph`` for transforms known to.
+_GRAPH_CUTS = {
+    ("torchopt.clip", "clip_grad_norm.<locals>.update_fn"): (
+        "torchopt.clip_grad_norm computes the clip factor under no_grad as a Python float; "
+        "use metagrad_rl.clip_grad_norm, the same clip with the factor on the graph"
+    ),
+    ("torchopt.transform.scale_by_adam", "_scale_by_accelerated_adam.<locals>.update_fn"): (
+        "use_accelerated_op=True uses TorchOpt's C++ Adam, whose backward ignores eps and which "
+        "does not load against this torch; use the default use_accelerated_op=False"
+    ),
+}
+
+
+def _children(tx: Any) -> list[GradientTransformation]:
+    """The transformations a TorchOpt transformation is made of (chains, aliases' closures)."""
+    found = list(getattr(tx, "transformations", ()) or ())
+    for cell in getattr(tx.update, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        values = value if isinstance(value, tuple | list) else (value,)
+        found += [v for v in values if isinstance(v, GradientTransformation)]
+    return found
+
+
+def graph_cuts(tx: GradientTransformation) -> list[str]:
+    """Why each part of ``tx`` that leaves the autograd graph does (empty: none known).
+
+    Walks ``torchopt.chain`` and the chains inside TorchOpt's aliases (``adam``, ``adamw``, ...)
+    and matches their update functions against the transforms known to cut the graph.
+    """
+    out: list[str] = []
+    stack, seen = [tx], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        fn = t.update
+        why = _GRAPH_CUTS.get((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")))
+        if why is not None:
+            out.append(why)
+        stack += _children(t)
+    return out
+
+
+def check_differentiable(tx: GradientTransformation, allow_graph_cuts: bool = False) -> list[str]:
+    """Raise :class:`ConfigError` if ``tx`` holds a transform that cuts the graph.
+
+    With ``allow_graph_cuts=True`` nothing is raised and the reasons are returned, so the
+    caller can say in its result what was held constant.
+    """
+    cuts = graph_cuts(tx)
+    if cuts and not allow_graph_cuts:
+        raise ConfigError(
+            "the inner optimizer is not differentiable, so the meta-gradient would not be exact: "
+            + "; ".join(cuts)
+            + " (or pass allow_graph_cuts=True to hold those factors constant knowingly)"
+        )
+    return cuts
