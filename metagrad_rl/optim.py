@@ -14,6 +14,7 @@ of the update that actually ran: a clipped step ``g * c / |g|`` has the Jacobian
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -26,7 +27,28 @@ GradientTransformation = torchopt.base.GradientTransformation
 
 
 class ClipByGlobalNormState(NamedTuple):
-    """:func:`clip_grad_norm` keeps no state."""
+    """How often :func:`clip_grad_norm` scaled the update down: ``fired`` of ``steps`` updates.
+
+    Counts only (integer tensors, off the graph); the clip itself is stateless.
+    """
+
+    fired: Tensor
+    steps: Tensor
+
+
+def clip_counts(state: Any) -> tuple[int, int]:
+    """``(fired, steps)`` summed over every :class:`ClipByGlobalNormState` inside ``state``."""
+    fired = steps = 0
+    stack = [state]
+    while stack:
+        s = stack.pop()
+        if isinstance(s, ClipByGlobalNormState):
+            fired, steps = fired + int(s.fired), steps + int(s.steps)
+        elif isinstance(s, tuple | list):
+            stack += list(s)
+        elif isinstance(s, Mapping):
+            stack += list(s.values())
+    return fired, steps
 
 
 def global_norm(updates: Any, norm_type: float = 2.0) -> Tensor:
@@ -71,14 +93,21 @@ def clip_grad_norm(
         raise ConfigError(f"norm_type={norm_type!r} is invalid: expected > 0 or math.inf")
 
     def init_fn(params: Any) -> ClipByGlobalNormState:
-        return ClipByGlobalNormState()
+        leaves = torchopt.pytree.tree_leaves(params)
+        device = leaves[0].device if leaves else None
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return ClipByGlobalNormState(zero, zero.clone())
 
     def update_fn(
         updates: Any, state: Any, *, params: Any = None, inplace: bool = True
     ) -> tuple[Any, Any]:
         if not torchopt.pytree.tree_leaves(updates):
             return updates, state
-        factor = torch.clamp(max_norm / (global_norm(updates, norm_type) + eps), max=1.0)
+        scale = max_norm / (global_norm(updates, norm_type) + eps)
+        factor = torch.clamp(scale, max=1.0)
+        state = ClipByGlobalNormState(
+            state.fired + (scale.detach() < 1.0).long(), state.steps + 1
+        )
         if inplace:
             return torchopt.pytree.tree_map(lambda g: g.mul_(factor), updates), state
         return torchopt.pytree.tree_map(lambda g: g * factor, updates), state

@@ -67,7 +67,7 @@ from metagrad_rl.networks import (
     intrinsic_reward,
     params_of,
 )
-from metagrad_rl.optim import clip_grad_norm
+from metagrad_rl.optim import clip_counts, clip_grad_norm
 from metagrad_rl.ppo import value_loss
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
@@ -370,6 +370,7 @@ def train(
             d = cfg.baseline_decay
             baseline = j_round if baseline is None else d * baseline + (1 - d) * j_round
         # ============================== POLICY ROUND (Eq 23): theta_k -> theta_{k+1} ==============
+        clip_before = clip_counts(theta_state)
         with torch.no_grad():
             r_in = intrinsic_reward(reward_net, eta, batch.obs, batch.act)
         rb = round_batch(batch, batch.values, batch.next_values)
@@ -404,6 +405,8 @@ def train(
             )
             theta = {k: v.detach() for k, v in res.theta.items()}
             theta_state = _detach_tree(res.opt_state)
+        clip_after = clip_counts(theta_state)
+        clip_share = (clip_after[0] - clip_before[0]) / max(1, clip_after[1] - clip_before[1])
         # ============================== CRITICS: V_mix, V_ex on tau_k ============================
         with torch.no_grad():
             r_mix = cfg.r_ex_coef * batch.r_ex + cfg.r_in_coef * r_in
@@ -436,6 +439,7 @@ def train(
                 "intrinsic_return": float(np.mean(in_returns)) if in_returns else "",
                 "intrinsic_reward_mean": float(r_in.mean()),
                 **{k: meta_row.get(k, "") for k in _META_LOG_KEYS},
+                "grad_clip_share": clip_share,
                 **v_stats,
             },
         )
