@@ -140,11 +140,67 @@ class Anchor(NamedTuple):
 
 
 class UnrollResult(NamedTuple):
-    """Output of :func:`unroll`: final parameters, optimizer state, and round starts."""
+    """Output of :func:`unroll`: final parameters, optimizer state, round starts, trace."""
 
     theta: Params
     opt_state: Any
     round_starts: list[Params]
+    #: Did any inner gradient entry come out exactly 0 (where ``sqrt(v)`` of an Adam-family
+    #: optimizer without ``eps_root`` has no derivative)? Used to explain a non-finite backward.
+    saw_zero_gradient: bool = False
+
+
+class StepTrace:
+    """Per inner step, four flags kept as tensors (one sync at the end of the unroll).
+
+    ``loss finite``, ``gradient finite``, ``theta finite after the step``, ``gradient has an
+    exact zero``; :meth:`check` names the first step at which a value stopped being finite.
+    """
+
+    def __init__(self) -> None:
+        self.flags: list[Tensor] = []
+        self.where: list[tuple[int, int]] = []
+        self.losses: list[Tensor] = []
+
+    def record(self, r: int, j: int, loss: Tensor, grads: Sequence[Tensor], x: Params) -> None:
+        self.where.append((r, j))
+        self.losses.append(loss.detach())
+        self.flags.append(
+            torch.stack(
+                [
+                    torch.isfinite(loss.detach()),
+                    torch.stack([torch.isfinite(g.detach()).all() for g in grads]).all(),
+                    torch.stack([torch.isfinite(v.detach()).all() for v in x.values()]).all(),
+                    torch.stack([(g.detach() == 0).any() for g in grads]).any(),
+                ]
+            )
+        )
+
+    def check(self) -> bool:
+        """Raise :class:`ConfigError` at the first non-finite value; return ``saw_zero``."""
+        if not self.flags:
+            return False
+        flags = torch.stack(self.flags).cpu()
+        ok = flags[:, :3].all(dim=1)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            (r, j), loss = self.where[i], float(self.losses[i])
+            at = f"round {r}, inner step {j}"
+            if not bool(flags[i, 0]):
+                raise ConfigError(
+                    f"inner_loss returned {loss} at {at}: the inner loss itself is not finite "
+                    "(check the loss for log/sqrt/division of invalid values)"
+                )
+            if not bool(flags[i, 1]):
+                raise ConfigError(
+                    f"the inner gradient at {at} is not finite although the loss is ({loss:.6g}): "
+                    "the inner loss has an infinite derivative there (e.g. sqrt or log at 0)"
+                )
+            raise ConfigError(
+                f"theta became non-finite after the update at {at} (loss {loss:.6g}, gradient "
+                "finite): the optimizer's update diverged; lower the step size"
+            )
+        return bool(flags[:, 3].any())
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:
@@ -152,7 +208,36 @@ def _detached(params: Mapping[str, Tensor]) -> Params:
 
 
 def _take(data: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    return {k: v[idx] for k, v in data.items()}
+    """One minibatch of ``prepare``'s output: rows ``idx`` of each tensor (0-d ones as they are)."""
+    return {k: v if v.dim() == 0 else v[idx] for k, v in data.items()}
+
+
+def check_prepared(data: Any, r: int, rnd: Round) -> None:
+    """``prepare``'s output: a dict of finite tensors whose leading dimension the indices fit.
+
+    A 0-d tensor is a per-round quantity shared by every minibatch; anything else must have
+    the minibatch index as its leading dimension.
+    """
+    if not isinstance(data, Mapping):
+        kind = type(data).__name__
+        raise ConfigError(f"prepare returned a {kind} for round {r}: expected a dict of tensors")
+    need = 1 + max(int(idx.max()) for idx in rnd.minibatches)
+    for k, v in data.items():
+        if not isinstance(v, Tensor):
+            raise ConfigError(
+                f"prepare returned {type(v).__name__} for {k!r} (round {r}): expected a tensor"
+            )
+        if v.dim() > 0 and v.shape[0] < need:
+            raise ConfigError(
+                f"prepare returned {k!r} with shape {tuple(v.shape)} for round {r}, but the "
+                f"minibatch indices reach {need - 1}: per-sample quantities need the sample "
+                "index as their leading dimension (a 0-d tensor is shared by every minibatch)"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()):
+            raise ConfigError(
+                f"prepare returned non-finite values in {k!r} for round {r} "
+                f"({int((~torch.isfinite(v.detach())).sum())} of {v.numel()})"
+            )
 
 
 def inner_step(
@@ -164,18 +249,30 @@ def inner_step(
     eta_policy: Params,
     create_graph: bool,
     view: Callable[[Params], Params] | None = None,
+    trace: StepTrace | None = None,
+    at: tuple[int, int] = (0, 0),
 ) -> tuple[Params, Any]:
     """One differentiable TorchOpt step ``theta_j -> theta_{j+1}`` on one minibatch.
 
     ``x`` is what the optimizer updates: ``theta`` itself, or ``{"theta": flat}`` with
-    ``view`` giving the loss its dict of views (:mod:`metagrad_rl.flat`).
+    ``view`` giving the loss its dict of views (:mod:`metagrad_rl.flat`). ``trace`` records
+    whether the step's values were finite (``at`` = (round, step) names it).
     """
     theta = x if view is None else view(x)
     loss = problem.inner_loss(theta, minibatch, eta_policy=eta_policy)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ConfigError(
+            f"inner_loss returned {shape} at round {at[0]}, inner step {at[1]}: "
+            "expected a scalar tensor (reduce the per-sample losses, e.g. with .mean())"
+        )
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names], create_graph=create_graph)
     updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=x, inplace=False)
-    return torchopt.apply_updates(x, updates, inplace=False), opt_state
+    x = torchopt.apply_updates(x, updates, inplace=False)
+    if trace is not None:
+        trace.record(at[0], at[1], loss, grads, x)
+    return x, opt_state
 
 
 def prepare_round(
@@ -233,6 +330,7 @@ def unroll(
         view = _flat_view(layout)
         state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
     starts: list[Params] = []
+    trace = StepTrace()
     for r, rnd in enumerate(rounds):
         last = r == len(rounds) - 1
         eta_pol = paths.policy if last else paths.early
@@ -241,16 +339,19 @@ def unroll(
         starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
+        check_prepared(data, r, rnd)
         # The inner gradient must not flow into the denominator computed from theta_k:
         # give the first step its own node, equal in value.
         x = {k: v.view_as(v) for k, v in x.items()}
-        for idx in rnd.minibatches:
+        for j, idx in enumerate(rnd.minibatches):
             x, state = inner_step(
-                problem, tx, x, state, _take(data, idx), eta_pol, create_graph, view
+                problem, tx, x, state, _take(data, idx), eta_pol, create_graph, view, trace, (r, j)
             )
+    saw_zero = trace.check()
     if layout is None:
-        return UnrollResult(x, state, starts)
-    return UnrollResult(layout.unflatten(x[FLAT_KEY]), layout.unflatten_state(state), starts)
+        return UnrollResult(x, state, starts, saw_zero)
+    theta_out = layout.unflatten(x[FLAT_KEY])
+    return UnrollResult(theta_out, layout.unflatten_state(state), starts, saw_zero)
 
 
 def _flat_view(layout: FlatLayout) -> Callable[[Params], Params]:
@@ -339,6 +440,11 @@ def check_params(
             raise ConfigError(
                 f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}"
             )
+        if not bool(torch.isfinite(v.detach()).all()):
+            n_bad = int((~torch.isfinite(v.detach())).sum())
+            raise ConfigError(
+                f"{name}[{k!r}] has {n_bad} NaN/inf values of {v.numel()}: expected finite input"
+            )
     if reference is None:
         return
     missing = sorted(set(reference) - set(params))
@@ -378,19 +484,45 @@ def check_optimizer(tx: Any) -> None:
         )
 
 
-def check_rounds(rounds: Any) -> None:
-    """At least one round, each with at least one non-empty minibatch."""
+def _as_index(idx: Any, where: str) -> Tensor:
+    """A minibatch as a 1-d integer tensor (a list or range of ints is accepted)."""
+    if not isinstance(idx, Tensor):
+        try:
+            idx = torch.as_tensor(list(idx))
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(
+                f"{where} is a {type(idx).__name__}: expected a 1-d tensor or list of int indices"
+            ) from None
+    if idx.numel() == 0:
+        raise ConfigError(f"{where} is empty: expected indices")
+    if idx.dtype in (torch.bool, torch.uint8) or idx.is_floating_point() or idx.dim() != 1:
+        raise ConfigError(
+            f"{where} has dtype {idx.dtype} and shape {tuple(idx.shape)}: expected a 1-d "
+            "integer tensor or list of int indices"
+        )
+    return idx
+
+
+def check_rounds(rounds: Any) -> list[Round]:
+    """At least one round, each with at least one non-empty minibatch.
+
+    Returns the rounds with every minibatch as a 1-d integer tensor (lists of ints are
+    accepted).
+    """
     if not isinstance(rounds, Sequence) or len(rounds) == 0:
         raise ConfigError("rounds is empty: expected at least one Round(batch, minibatches)")
+    out = []
     for r, rnd in enumerate(rounds):
         if not isinstance(rnd, Round):
             raise ConfigError(f"rounds[{r}] is a {type(rnd).__name__}: expected a Round")
         check_batch(f"rounds[{r}].batch", rnd.batch)
         if len(rnd.minibatches) == 0:
             raise ConfigError(f"rounds[{r}] has no minibatches: expected at least one step")
-        for j, idx in enumerate(rnd.minibatches):
-            if idx.numel() == 0:
-                raise ConfigError(f"rounds[{r}].minibatches[{j}] is empty: expected indices")
+        mbs = [
+            _as_index(idx, f"rounds[{r}].minibatches[{j}]") for j, idx in enumerate(rnd.minibatches)
+        ]
+        out.append(Round(rnd.batch, mbs))
+    return out
 
 
 def minibatch_indices(
