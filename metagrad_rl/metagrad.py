@@ -139,7 +139,7 @@ def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, floa
 
 def check_outer_batch(outer_batch: Batch | None) -> Batch:
     """The outer batch, or ``{}`` when none is given (an ``outer_loss`` that reads no data)."""
-    if outer_batch is None:
+    if outer_batch is None or (isinstance(outer_batch, Mapping) and len(outer_batch) == 0):
         return {}
     check_batch("outer_batch", outer_batch)
     return outer_batch

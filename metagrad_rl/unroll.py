@@ -151,20 +151,28 @@ class UnrollResult(NamedTuple):
 
 
 class StepTrace:
-    """Per inner step, four flags kept as tensors (one sync at the end of the unroll).
+    """Per inner step, flags kept as tensors (one sync per round, not one per step).
 
     ``loss finite``, ``gradient finite``, ``theta finite after the step``, ``gradient has an
-    exact zero``; :meth:`check` names the first step at which a value stopped being finite.
+    exact zero``, and ``max |theta|`` before the step; :meth:`check` names the first step at
+    which a value stopped being finite, and whether ``theta`` had run away before it.
     """
+
+    #: ``max |theta|`` above which a non-finite value is blamed on a diverging optimizer.
+    RUNAWAY = 1e15
 
     def __init__(self) -> None:
         self.flags: list[Tensor] = []
+        self.sizes: list[Tensor] = []
         self.where: list[tuple[int, int]] = []
         self.losses: list[Tensor] = []
 
-    def record(self, r: int, j: int, loss: Tensor, grads: Sequence[Tensor], x: Params) -> None:
+    def record(
+        self, r: int, j: int, loss: Tensor, grads: Sequence[Tensor], before: Params, x: Params
+    ) -> None:
         self.where.append((r, j))
         self.losses.append(loss.detach())
+        self.sizes.append(torch.stack([v.detach().abs().max() for v in before.values()]).max())
         self.flags.append(
             torch.stack(
                 [
@@ -182,25 +190,25 @@ class StepTrace:
             return False
         flags = torch.stack(self.flags).cpu()
         ok = flags[:, :3].all(dim=1)
-        if not bool(ok.all()):
-            i = int((~ok).nonzero()[0])
-            (r, j), loss = self.where[i], float(self.losses[i])
-            at = f"round {r}, inner step {j}"
-            if not bool(flags[i, 0]):
-                raise ConfigError(
-                    f"inner_loss returned {loss} at {at}: the inner loss itself is not finite "
-                    "(check the loss for log/sqrt/division of invalid values)"
-                )
-            if not bool(flags[i, 1]):
-                raise ConfigError(
-                    f"the inner gradient at {at} is not finite although the loss is ({loss:.6g}): "
-                    "the inner loss has an infinite derivative there (e.g. sqrt or log at 0)"
-                )
+        if bool(ok.all()):
+            return bool(flags[:, 3].any())
+        i = int((~ok).nonzero()[0])
+        (r, j), loss, size = self.where[i], float(self.losses[i]), float(self.sizes[i])
+        at = f"round {r}, inner step {j}"
+        if size > self.RUNAWAY or not bool(flags[i, 2]) and bool(flags[i, :2].all()):
             raise ConfigError(
-                f"theta became non-finite after the update at {at} (loss {loss:.6g}, gradient "
-                "finite): the optimizer's update diverged; lower the step size"
+                f"theta became non-finite at {at}: the optimizer's updates diverged (max |theta| "
+                f"was {size:.3g} before this step, its loss {loss:.6g}); lower the step size"
             )
-        return bool(flags[:, 3].any())
+        if not bool(flags[i, 0]):
+            raise ConfigError(
+                f"inner_loss returned {loss} at {at}: the inner loss itself is not finite "
+                f"(max |theta| {size:.3g}; check the loss for log/sqrt/division of invalid values)"
+            )
+        raise ConfigError(
+            f"the inner gradient at {at} is not finite although the loss is ({loss:.6g}): the "
+            "inner loss has an infinite derivative there (e.g. sqrt or log at 0)"
+        )
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:
@@ -269,10 +277,10 @@ def inner_step(
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names], create_graph=create_graph)
     updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=x, inplace=False)
-    x = torchopt.apply_updates(x, updates, inplace=False)
+    x_next = torchopt.apply_updates(x, updates, inplace=False)
     if trace is not None:
-        trace.record(at[0], at[1], loss, grads, x)
-    return x, opt_state
+        trace.record(at[0], at[1], loss, grads, x, x_next)
+    return x_next, opt_state
 
 
 def prepare_round(
@@ -332,6 +340,8 @@ def unroll(
     starts: list[Params] = []
     trace = StepTrace()
     for r, rnd in enumerate(rounds):
+        if r > 0:
+            trace.check()  # name a divergence before the next round's prepare meets it
         last = r == len(rounds) - 1
         eta_pol = paths.policy if last else paths.early
         eta_rew = paths.reward if last else paths.early
