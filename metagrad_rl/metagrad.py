@@ -80,6 +80,25 @@ class MetaGradResult(NamedTuple):
     #: graph-cutting optimizer held constant under ``allow_graph_cuts=True``. Empty normally.
     notes: tuple[str, ...] = ()
 
+    def subset(self, names: Sequence[str]) -> Params:
+        """The sum of the named terms (``"eq11"``..``"eq14"``, ``"eq17"``, ``"score"``).
+
+        A partial meta-gradient: e.g. ``("eq11", "eq13")`` keeps the direct and the reward
+        path and drops both second-order ones. All four of Eq 11-14 give ``total``.
+        """
+        known = (*TERMS, "eq17", "score")
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise ConfigError(f"terms {bad or list(names)} are invalid: expected some of {known}")
+        parts = [getattr(self, n) for n in names]
+        missing = [n for n, p in zip(names, parts) if p is None]
+        if missing:
+            raise ConfigError(
+                f"terms {missing} were not computed: pass terms=True (Eq 11-14) or a "
+                "score_weight (score) when computing the meta-gradient"
+            )
+        return _add(*parts)
+
 
 def detach_state(state: Any) -> Any:
     """A copy of an optimizer state (any pytree) with every tensor detached."""
@@ -216,6 +235,7 @@ class PendingMetaGradient:
         self._res, self.terms, self._meter, self._t_unroll = res, terms, meter, t_unroll
         self.optimizer, self.notes = optimizer, notes
         self._saw_zero_gradient = bool(getattr(res, "saw_zero_gradient", False))
+        self.truncate: int | None = None  # set by start_meta_gradient
         self.theta_next: Params = {k: v.detach() for k, v in res.theta.items()}
         self.opt_state: Any = detach_state(res.opt_state)
         self.theta_k: Params = {k: v.detach() for k, v in res.round_starts[-1].items()}
@@ -277,6 +297,8 @@ class PendingMetaGradient:
         diag = diagnostics_of({**split, "eq17": g17}, total)
         diag["time_s"] = elapsed
         diag["inner_steps"] = float(sum(len(r.minibatches) for r in self.rounds))
+        steps = diag["inner_steps"]
+        diag["differentiated_steps"] = steps if self.truncate is None else min(self.truncate, steps)
         diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else float("nan")
         if score is not None:
             diag["norm_score"] = float(flatten(score).norm())
@@ -331,6 +353,17 @@ class PendingMetaGradient:
         return torch.stack(terms).sum()
 
 
+def check_truncate(truncate: Any) -> None:
+    """``None`` (the whole unroll) or a number of last inner steps ``>= 0``."""
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0
+    ):
+        raise ConfigError(
+            f"truncate={truncate!r} is invalid: expected None (every inner step) or an int >= 0 "
+            "(differentiate through the last `truncate` inner steps only)"
+        )
+
+
 def start_meta_gradient(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
@@ -345,6 +378,7 @@ def start_meta_gradient(
     measure_memory: bool = False,
     flat_params: bool = True,
     allow_graph_cuts: bool = False,
+    truncate: int | None = None,
 ) -> PendingMetaGradient:
     """The first half of :func:`meta_gradient`: validate, check memory, unroll (graph kept)."""
     check_optimizer(optimizer)
@@ -352,6 +386,7 @@ def start_meta_gradient(
     check_params("theta", theta, problem.theta_spec)
     check_params("eta", eta, problem.eta_spec)
     rounds = check_rounds(rounds)
+    check_truncate(truncate)
     if opt_state is not None and not isinstance(opt_state, tuple):
         raise ConfigError(
             f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
@@ -376,10 +411,18 @@ def start_meta_gradient(
     meter = GraphMemoryMeter(enabled=measure_memory)
     with meter:
         res = unroll(
-            problem, optimizer, theta, paths, rounds, opt_state, surrogate, flat_params=flat_params
+            problem,
+            optimizer,
+            theta,
+            paths,
+            rounds,
+            opt_state,
+            surrogate,
+            flat_params=flat_params,
+            truncate=truncate,
         )
     notes = tuple(f"held constant (allow_graph_cuts=True): {why}" for why in cuts)
-    return PendingMetaGradient(
+    pending = PendingMetaGradient(
         problem,
         eta_c,
         rounds,
@@ -391,6 +434,8 @@ def start_meta_gradient(
         optimizer,
         notes,
     )
+    pending.truncate = truncate
+    return pending
 
 
 def meta_gradient(
@@ -409,6 +454,7 @@ def meta_gradient(
     measure_memory: bool = False,
     flat_params: bool = True,
     allow_graph_cuts: bool = False,
+    truncate: int | None = None,
 ) -> MetaGradResult:
     """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
 
@@ -436,6 +482,10 @@ def meta_gradient(
             constants in the derivative, which is not the derivative of the update that ran,
             and ``result.notes`` says so. By default such an optimizer is a ``ConfigError``
             naming the differentiable replacement (:func:`metagrad_rl.optim.clip_grad_norm`).
+        truncate: differentiate through the last ``truncate`` inner steps only (truncated
+            backpropagation): ``theta`` and the optimizer state where they begin are constants,
+            so the result is the exact derivative of that function (see
+            :func:`metagrad_rl.unroll.unroll`); ``None`` (default) differentiates every step.
 
     Raises:
         ConfigError: bad input, a graph-cutting optimizer, or a non-finite value; the message
@@ -458,5 +508,6 @@ def meta_gradient(
         measure_memory=measure_memory,
         flat_params=flat_params,
         allow_graph_cuts=allow_graph_cuts,
+        truncate=truncate,
     )
     return pending.finish(outer_batch, denominator=denominator)

@@ -137,6 +137,8 @@ class Anchor(NamedTuple):
     eta: Params
     round_starts: list[Params]
     theta_next: Params
+    #: ``(theta, opt_state)`` where a truncated unroll starts differentiating (else ``None``).
+    cut: tuple[Params, Any] | None = None
 
 
 class UnrollResult(NamedTuple):
@@ -317,6 +319,7 @@ def unroll(
     create_graph: bool = True,
     anchor: Anchor | None = None,
     flat_params: bool = True,
+    truncate: int | None = None,
 ) -> UnrollResult:
     """Run ``R = len(rounds)`` policy rounds as differentiable TorchOpt updates.
 
@@ -326,6 +329,11 @@ def unroll(
     denominators at another point (see :class:`Anchor`). With ``flat_params`` the optimizer
     updates one flat vector (:mod:`metagrad_rl.flat`; same result, fewer ops); ``opt_state``
     is given and returned per tensor either way.
+
+    ``truncate=k`` differentiates through the last ``k`` inner steps only: ``theta`` and the
+    optimizer state where they begin, and the round start of the round they begin in (its
+    ``prepare`` denominator), are constants; ``eta`` still enters every step and ``prepare`` in
+    the window. Values are unchanged; earlier steps run without a graph.
     """
     layout = FlatLayout(theta) if flat_params else None
     x: Params
@@ -337,15 +345,24 @@ def unroll(
         x = {FLAT_KEY: layout.flatten(theta).detach().clone().requires_grad_(True)}
         view = _flat_view(layout)
         state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+    cut = 0 if truncate is None else max(0, n_steps - truncate)
     starts: list[Params] = []
     trace = StepTrace()
+    s = 0  # inner steps done, over all rounds
     for r, rnd in enumerate(rounds):
         if r > 0:
             trace.check()  # name a divergence before the next round's prepare meets it
         last = r == len(rounds) - 1
         eta_pol = paths.policy if last else paths.early
         eta_rew = paths.reward if last else paths.early
+        if s == cut and cut > 0:  # the window starts with this round
+            x, state = _restart(x, state, anchor, layout)
         theta_k = x if view is None else view(x)
+        if s < cut:  # this round starts before the window: its start is a constant
+            theta_k = anchor.round_starts[r] if anchor is not None else _detached(theta_k)
+            if s + len(rnd.minibatches) <= cut:  # and it ends there: no graph at all
+                eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
         starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
@@ -354,14 +371,48 @@ def unroll(
         # give the first step its own node, equal in value.
         x = {k: v.view_as(v) for k, v in x.items()}
         for j, idx in enumerate(rnd.minibatches):
-            x, state = inner_step(
-                problem, tx, x, state, _take(data, idx), eta_pol, create_graph, view, trace, (r, j)
-            )
+            if j > 0 and s == cut:  # the window starts inside this round
+                x, state = _restart(x, state, anchor, layout)
+            graph = create_graph and s >= cut
+            mb = _take(data, idx)
+            x, state = inner_step(problem, tx, x, state, mb, eta_pol, graph, view, trace, (r, j))
+            s += 1
     saw_zero = trace.check()
     if layout is None:
         return UnrollResult(x, state, starts, saw_zero)
     theta_out = layout.unflatten(x[FLAT_KEY])
     return UnrollResult(theta_out, layout.unflatten_state(state), starts, saw_zero)
+
+
+def _restart(
+    x: Params, state: Any, anchor: Anchor | None, layout: FlatLayout | None
+) -> tuple[Params, Any]:
+    """Where a truncated unroll starts differentiating: ``theta`` and state as constants.
+
+    They are the current values, or the anchor's (for finite differences of the truncated
+    objective, whose constants must not move with ``eta``).
+    """
+    if anchor is not None and anchor.cut is not None:
+        theta_c, state_c = anchor.cut
+        if layout is None:
+            x = dict(theta_c)
+            state = state_c
+        else:
+            x = {FLAT_KEY: layout.flatten(theta_c)}
+            state = layout.flatten_state(state_c)
+    x = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+    return x, torchopt.pytree.tree_map(_detach_leaf, state)
+
+
+def prefix_rounds(rounds: Sequence[Round], n_steps: int) -> list[Round]:
+    """The rounds cut after their first ``n_steps`` inner steps in all (empty rounds dropped)."""
+    out = []
+    for rnd in rounds:
+        take = list(rnd.minibatches)[: max(0, n_steps)]
+        n_steps -= len(take)
+        if take:
+            out.append(Round(rnd.batch, take))
+    return out
 
 
 def _flat_view(layout: FlatLayout) -> Callable[[Params], Params]:
@@ -400,6 +451,7 @@ def meta_objective(
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
     anchor: Anchor | None = None,
+    truncate: int | None = None,
 ) -> Tensor:
     """``L_out(theta_{k+1}(eta), eta)``: the outer loss after the unrolled rounds.
 
@@ -408,7 +460,9 @@ def meta_objective(
     correct" ``pi_{theta_{k+1}, eta_i}``. Both are constants: taken at ``anchor`` if given,
     else at the current point (detached).
     """
-    res = unroll(problem, tx, theta, paths, rounds, opt_state, surrogate, anchor=anchor)
+    res = unroll(
+        problem, tx, theta, paths, rounds, opt_state, surrogate, anchor=anchor, truncate=truncate
+    )
     if anchor is None:
         starts, nxt, eta_den = res.round_starts, res.theta, paths.outer
     else:
@@ -425,13 +479,25 @@ def anchor_at(
     rounds: Sequence[Round],
     opt_state: Any = None,
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    truncate: int | None = None,
 ) -> Anchor:
-    """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll."""
+    """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll, and
+    for ``truncate=k`` the ``theta`` and optimizer state where the last ``k`` steps begin."""
     eta_c = _detached(eta)
-    res = unroll(
-        problem, tx, theta, EtaPaths.shared(eta_c), rounds, opt_state, surrogate, create_graph=False
-    )
-    return Anchor(eta_c, [_detached(s) for s in res.round_starts], _detached(res.theta))
+    shared = EtaPaths.shared(eta_c)
+    res = unroll(problem, tx, theta, shared, rounds, opt_state, surrogate, create_graph=False)
+    cut = None
+    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+    if truncate is not None and truncate < n_steps:
+        head = prefix_rounds(rounds, n_steps - truncate)
+        pre = unroll(problem, tx, theta, shared, head, opt_state, surrogate, create_graph=False)
+        cut = (_detached(pre.theta), torchopt.pytree.tree_map(_detach_leaf, pre.opt_state))
+    starts = [_detached(s) for s in res.round_starts]
+    return Anchor(eta_c, starts, _detached(res.theta), cut)
+
+
+def _detach_leaf(t: Any) -> Any:
+    return t.detach() if isinstance(t, Tensor) else t
 
 
 # --------------------------------------------------------------------------- validation

@@ -232,6 +232,7 @@ def verify_meta_gradient(
     seed: int = 0,
     allow_graph_cuts: bool = False,
     raise_on_failure: bool = False,
+    truncate: int | None = None,
 ) -> VerificationReport:
     """Verify the total meta-gradient and each of Eq 11-14 against finite differences.
 
@@ -249,12 +250,17 @@ def verify_meta_gradient(
         allow_graph_cuts: verify an optimizer with parts that leave the graph (see
             :func:`metagrad_rl.metagrad.meta_gradient`); it then fails, as it should.
         raise_on_failure: raise :class:`VerificationError` (the report's text) on failure.
+        truncate: verify the truncated meta-gradient through the last ``truncate`` inner steps
+            (its constants -- ``theta`` and optimizer state where those steps begin -- are
+            frozen at ``eta`` like the stop-gradient denominators).
     """
     outer_batch = check_outer_batch(outer_batch)
     _check_float64(theta, eta, outer_batch)
     check_differentiable(optimizer, allow_graph_cuts)
     surrogate = InnerSurrogate(surrogate)
-    kw: dict[str, Any] = dict(opt_state=opt_state, surrogate=surrogate, denominator=denominator)
+    kw: dict[str, Any] = dict(
+        opt_state=opt_state, surrogate=surrogate, denominator=denominator, truncate=truncate
+    )
     mg_kw = dict(kw, allow_graph_cuts=allow_graph_cuts)
     split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **mg_kw)
     whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **mg_kw)
@@ -262,7 +268,7 @@ def verify_meta_gradient(
     sum_err = float((flatten(split.total) - total).abs().max())
     total_norm = float(total.norm())
 
-    anchor = anchor_at(problem, optimizer, theta, eta, rounds, opt_state, surrogate)
+    anchor = anchor_at(problem, optimizer, theta, eta, rounds, opt_state, surrogate, truncate)
     objective = path_objective(problem, optimizer, theta, anchor, rounds, outer_batch, **kw)
     x = flatten(eta).detach().clone().requires_grad_(True)
     scale = float(total.abs().max())
