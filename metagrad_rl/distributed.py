@@ -351,15 +351,17 @@ def _is_comm_failure(err: BaseException) -> bool:
     )
 
 
-def _lost_message(w: Workers, err: BaseException) -> str:
+def _lost_message(w: Workers, err: BaseException, joined: bool) -> str:
     first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
     first = _GLOO_PREFIX.sub("", first.strip())
     if len(first) > 200:
         first = first[:200] + "..."
-    return (
-        f"worker {w.rank} of {w.world_size}: lost the other workers (one died, or did not answer "
-        f"within {w.timeout_s:g} s): {first}"
+    what = (
+        "lost the other workers (one died, or did not answer"
+        if joined
+        else "could not meet the other workers (one did not start, or the address is unreachable,"
     )
+    return f"worker {w.rank} of {w.world_size}: {what} within {w.timeout_s:g} s): {first}"
 
 
 @contextlib.contextmanager
@@ -397,7 +399,7 @@ def init_workers(
         raise ConfigError("a torch.distributed process group is initialised already")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     w = Workers(me, n, local, backend, dev, float(timeout_s))
-    failed = False
+    failed = joined = False
     try:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -408,12 +410,15 @@ def init_workers(
             world_size=n,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        joined = True
         yield w
     except Exception as err:
-        if not _is_comm_failure(err):
+        # At the rendezvous every RuntimeError is a missing peer or an unreachable address
+        # (gloo's FileStore says only "Wait timeout").
+        if not (_is_comm_failure(err) or (not joined and isinstance(err, RuntimeError))):
             raise
         failed = True
-        raise WorkerLostError(_lost_message(w, err)) from err
+        raise WorkerLostError(_lost_message(w, err, joined)) from err
     finally:
         # NCCL's teardown can block on a broken communicator; gloo's returns at once.
         if dist.is_initialized() and not (failed and backend == "nccl"):

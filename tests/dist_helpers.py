@@ -34,8 +34,10 @@ def _entry(fn: Callable[..., Any], rank: int, n: int, init: str, out: str, args:
         os._exit(1)
 
 
-def workers(rank: int, n: int, init: str, timeout_s: float = 30.0):
-    """:func:`init_workers` on the test's rendezvous file."""
+def workers(rank: int, n: int, init: str, timeout_s: float = 30.0, name: str = ""):
+    """:func:`init_workers` on the test's rendezvous file (``name``: another file beside it)."""
+    if name:
+        init = f"{init}-{name}"
     return init_workers(init_method=init, rank=rank, world_size=n, timeout_s=timeout_s)
 
 
@@ -46,9 +48,15 @@ def run_workers(
     *args: Any,
     timeout_s: float = 60.0,
     ranks: Sequence[int] | None = None,
+    results_from: Sequence[int] | None = None,
 ) -> list[Any]:
-    """``[fn(r, n, init, *args) for r in ranks]``, each in its own process (default: all ``n``)."""
+    """``[fn(r, n, init, *args) for r in results_from]``, each rank in its own process.
+
+    ``ranks`` are the ranks started (default: all ``n``); ``results_from`` those that must
+    return a result (default: all started) -- the others may die, as a fault test needs.
+    """
     ranks = list(range(n)) if ranks is None else list(ranks)
+    wanted = ranks if results_from is None else list(results_from)
     out = Path(tmp_path) / "results"
     out.mkdir(parents=True, exist_ok=True)
     init = f"file://{Path(tmp_path) / 'rendezvous'}"
@@ -69,14 +77,14 @@ def run_workers(
             p.join(5)
     errors = [
         f"rank {r}:\n{(out / f'rank{r}.err').read_text()}"
-        for r in ranks
+        for r in wanted
         if (out / f"rank{r}.err").exists()
     ]
-    if hung:
+    if any(r in wanted for r in hung):
         errors.append(f"ranks {hung} still running after {timeout_s} s: killed")
     for r, p in zip(ranks, procs):
-        if r not in hung and not (out / f"rank{r}.pt").exists() and p.exitcode != 1:
+        if r in wanted and not (out / f"rank{r}.pt").exists() and p.exitcode != 1:
             errors.append(f"rank {r} exited with code {p.exitcode} and no result")
     if errors:
         raise AssertionError("worker processes failed:\n" + "\n".join(errors))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in ranks]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in wanted]
