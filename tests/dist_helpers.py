@@ -2,7 +2,8 @@
 
 ``run_workers(fn, n, tmp_path, *args)`` runs ``fn(rank, n, init_method, *args)`` in ``n``
 processes (``spawn``: nothing is inherited but ``sys.path`` and the environment), with a
-``file://`` rendezvous in ``tmp_path`` and gloo bound to the loopback interface. Each process's
+``file://`` rendezvous in ``tmp_path`` (or torchrun's variables on 127.0.0.1) and gloo bound to
+the loopback interface. Each process's
 return value comes back through ``torch.save``; an exception comes back as its traceback and
 fails the test; a process still running at the deadline is killed and fails the test too, so a
 test never hangs.
@@ -11,6 +12,7 @@ test never hangs.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,8 +25,24 @@ import torch.multiprocessing as mp
 from metagrad_rl.distributed import init_workers
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _entry(fn: Callable[..., Any], rank: int, n: int, init: str, out: str, args: tuple) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    if init.startswith("env://"):  # what torchrun sets
+        port = init.removeprefix("env://")
+        init = "env://"
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(n),
+        )
     torch.set_num_threads(1)
     try:
         result = fn(rank, n, init, *args)
@@ -49,17 +67,23 @@ def run_workers(
     timeout_s: float = 60.0,
     ranks: Sequence[int] | None = None,
     results_from: Sequence[int] | None = None,
+    rendezvous: str = "file",
 ) -> list[Any]:
     """``[fn(r, n, init, *args) for r in results_from]``, each rank in its own process.
 
     ``ranks`` are the ranks started (default: all ``n``); ``results_from`` those that must
     return a result (default: all started) -- the others may die, as a fault test needs.
+    ``rendezvous="env"`` sets torchrun's variables (``MASTER_ADDR=127.0.0.1``, a free
+    ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) and passes ``init="env://"``.
     """
     ranks = list(range(n)) if ranks is None else list(ranks)
     wanted = ranks if results_from is None else list(results_from)
     out = Path(tmp_path) / "results"
     out.mkdir(parents=True, exist_ok=True)
-    init = f"file://{Path(tmp_path) / 'rendezvous'}"
+    if rendezvous == "env":
+        init = f"env://{_free_port()}"
+    else:
+        init = f"file://{Path(tmp_path) / 'rendezvous'}"
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(target=_entry, args=(fn, r, n, init, str(out), args), daemon=True)

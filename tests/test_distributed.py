@@ -143,7 +143,8 @@ def _obs_chunks(rank: int, sync: int) -> list[np.ndarray]:
 
 def _infra(rank: int, n: int, init: str) -> dict:
     out: dict = {}
-    with workers(rank, n, init) as w:
+    assert init == "env://"
+    with init_workers(timeout_s=30) as w:  # rank and size from torchrun's variables
         out["workers"] = (w.rank, w.world_size, w.backend, w.is_main)
         # second order through the averaged update
         x = _x(rank).requires_grad_(True)
@@ -190,7 +191,7 @@ def _infra(rank: int, n: int, init: str) -> dict:
 
 @pytest.fixture(scope="module")
 def infra(tmp_path_factory):
-    return run_workers(_infra, N, tmp_path_factory.mktemp("infra"), timeout_s=90)
+    return run_workers(_infra, N, tmp_path_factory.mktemp("infra"), timeout_s=90, rendezvous="env")
 
 
 def test_workers_know_their_rank(infra):
