@@ -36,7 +36,13 @@ from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.unroll import Round, minibatch_indices
 
 N_WORKERS, T, EPOCHS, MINIBATCHES, B = 2, 10, 2, 2, 12
-ROUNDS = (1, 2)
+#: name -> (rounds R, meta_gradient options); the last also checks the other surrogate and
+#: denominator, and a per-tensor (not flat) inner update.
+CASES = {
+    "R=1": (1, {}),
+    "R=2": (2, {}),
+    "R=2-detached": (2, dict(surrogate="detached", denominator="theta_k+1", flat_params=False)),
+}
 MAX_NORM = 1.0  # the inner gradient norms here are 0.5-3.1: clipping fires on some steps
 SCORE_WEIGHT = 0.7
 GRADS = (*TERMS, "total", "eq17", "score")
@@ -92,11 +98,13 @@ def _optimizer():
     )
 
 
-def _meta_gradient(problem, theta, eta, rounds, outer) -> dict:
+def _meta_gradient(problem, theta, eta, rounds, outer, options) -> dict:
+    options = dict(options)
+    denominator = options.pop("denominator", "theta_k")
     pending = start_meta_gradient(
-        problem, _optimizer(), theta, eta, rounds, memory_budget_bytes=2**40
+        problem, _optimizer(), theta, eta, rounds, memory_budget_bytes=2**40, **options
     )
-    res = pending.finish(outer, score_weight=SCORE_WEIGHT)
+    res = pending.finish(outer, denominator=denominator, score_weight=SCORE_WEIGHT)
     out = {g: getattr(res, g) for g in GRADS}
     out.update(
         theta_next=res.theta_next, outer_loss=res.outer_loss, clip=clip_counts(res.opt_state)
@@ -118,20 +126,23 @@ def _averaged(res: dict, n: int) -> dict:
 def _worker(rank: int, n: int, init: str) -> dict:
     out: dict = {}
     with workers(rank, n, init):
-        for n_rounds in ROUNDS:
+        for case, (n_rounds, options) in CASES.items():
             rounds, outer = _worker_data(rank, n_rounds)
-            res = _meta_gradient(*_problem(all_reduce_sum), rounds, outer)
-            out[n_rounds] = _averaged(res, n)
+            res = _meta_gradient(*_problem(all_reduce_sum), rounds, outer, options)
+            out[case] = _averaged(res, n)
             # the negative control: each worker normalises its advantages on its own
-            local = _meta_gradient(*_problem(None), rounds, outer)
-            out[("local", n_rounds)] = _averaged(local, n)
+            local = _meta_gradient(*_problem(None), rounds, outer, options)
+            out[("local", case)] = _averaged(local, n)
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     per_worker = run_workers(_worker, N_WORKERS, tmp_path_factory.mktemp("exact"), timeout_s=180)
-    reference = {R: _meta_gradient(*_problem(None), *_union_data(R)) for R in ROUNDS}
+    reference = {
+        case: _meta_gradient(*_problem(None), *_union_data(n_rounds), options)
+        for case, (n_rounds, options) in CASES.items()
+    }
     return per_worker, reference
 
 
@@ -139,14 +150,14 @@ def _max_err(a: dict, b: dict) -> float:
     return float((flatten(a) - flatten(b)).abs().max())
 
 
-@pytest.mark.parametrize("n_rounds", ROUNDS)
-def test_two_workers_meta_gradient_equals_one_process_on_the_union(results, n_rounds):
+@pytest.mark.parametrize("case", CASES)
+def test_two_workers_meta_gradient_equals_one_process_on_the_union(results, case):
     per_worker, reference = results
-    ref = reference[n_rounds]
+    ref, n_rounds = reference[case], CASES[case][0]
     fired, steps = ref["clip"]
     assert steps == n_rounds * EPOCHS * MINIBATCHES and 0 < fired < steps, ref["clip"]
     for rank, w in enumerate(per_worker):
-        res = w[n_rounds]
+        res = w[case]
         assert res["clip"] == ref["clip"], rank
         assert _max_err(res["theta_next"], ref["theta_next"]) < TOL, rank
         for g in GRADS:
@@ -154,14 +165,14 @@ def test_two_workers_meta_gradient_equals_one_process_on_the_union(results, n_ro
             assert _max_err(res[g], ref[g]) < TOL, (rank, g, _max_err(res[g], ref[g]))
         assert res["outer_loss"] == pytest.approx(ref["outer_loss"], abs=TOL)
     # every worker holds the same parameters, bit for bit
-    first = flatten(per_worker[0][n_rounds]["theta_next"])
-    assert all(torch.equal(flatten(w[n_rounds]["theta_next"]), first) for w in per_worker)
+    first = flatten(per_worker[0][case]["theta_next"])
+    assert all(torch.equal(flatten(w[case]["theta_next"]), first) for w in per_worker)
 
 
-@pytest.mark.parametrize("n_rounds", ROUNDS)
-def test_local_advantage_normalisation_breaks_the_equality(results, n_rounds):
+@pytest.mark.parametrize("case", CASES)
+def test_local_advantage_normalisation_breaks_the_equality(results, case):
     """The negative control: without statistics over the union the test above would fail."""
     per_worker, reference = results
-    local = per_worker[0][("local", n_rounds)]
-    assert _max_err(local["total"], reference[n_rounds]["total"]) > 1e-4
-    assert _max_err(local["theta_next"], reference[n_rounds]["theta_next"]) > 1e-6
+    local = per_worker[0][("local", case)]
+    assert _max_err(local["total"], reference[case]["total"]) > 1e-4
+    assert _max_err(local["theta_next"], reference[case]["theta_next"]) > 1e-6
