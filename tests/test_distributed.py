@@ -176,6 +176,12 @@ def _infra(rank: int, n: int, init: str) -> dict:
                 rms.update(chunk)
             since = combine_running_stats(rms, since)
         out["rms"] = (rms.mean.copy(), rms.var.copy(), rms.count)
+        scalar = RunningMeanStd(())  # the reward scaler's: shape ()
+        since = moments_of(scalar)
+        for chunk in _obs_chunks(rank, 0):
+            scalar.update(chunk[:, 0])
+        combine_running_stats(scalar, since)
+        out["scalar_rms"] = (float(scalar.mean), float(scalar.var), scalar.count)
         out["returns"] = gather_episode_returns([10.0 * rank + i for i in range(rank + 1)])
         p = torch.full((3,), float(rank))
         broadcast_from_rank0_([p])
@@ -242,6 +248,15 @@ def test_combined_running_stats_equal_one_normaliser_that_saw_every_worker(infra
     assert count0 == pytest.approx(one.count, rel=1e-15)
     mean1, var1, count1 = infra[1]["rms"]  # every worker holds the same bits
     assert np.array_equal(mean0, mean1) and np.array_equal(var0, var1) and count0 == count1
+    scalar = RunningMeanStd(())
+    for r in range(N):
+        for chunk in _obs_chunks(r, 0):
+            scalar.update(chunk[:, 0])
+    for r in range(N):
+        mean, var, count = infra[r]["scalar_rms"]
+        assert mean == pytest.approx(float(scalar.mean), rel=1e-12)
+        assert var == pytest.approx(float(scalar.var), rel=1e-12)
+        assert count == pytest.approx(scalar.count, rel=1e-15)
 
 
 def test_episode_returns_reach_rank_0(infra):
