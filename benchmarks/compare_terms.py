@@ -248,29 +248,29 @@ def terms_at(
 ) -> list[Row]:
     """Rows (R = 1, and R = 2 when ``prev`` is given) of norms, shares and cosines for one step.
 
-    ``step.inputs`` is the stored policy round ``k`` (theta_k, its optimizer state, batch,
+    ``step.round`` is the stored policy round ``k`` (theta_k, its optimizer state, batch,
     minibatch order, eta), ``step.outer`` the validation batch and ``step.theta_next`` the
     trainer's theta_{k+1}. For R = 2 the stored round ``k-1`` is re-simulated at the *current*
     eta (the trainer ran it with the previous eta_{i-1}), then round ``k`` from its result.
     """
-    inp, outer = step.inputs, step.outer
-    eta = inp["eta"]
-    state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
-    rnd = Round(inp["batch"], inp["minibatches"])
-    full = torch.arange(inp["batch"]["r_ex"].numel())
-    look_rnd = Round(inp["batch"], [full] * cfg.lookahead_steps)
+    inp, outer = step.round, step.outer
+    eta = inp.eta
+    state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
+    rnd = Round(inp.batch, inp.minibatches)
+    full = torch.arange(inp.batch["r_ex"].numel())
+    look_rnd = Round(inp.batch, [full] * cfg.lookahead_steps)
     kw = dict(surrogate=cfg.surrogate, denominator=cfg.denominator, terms=True)
-    theta_den = inp["theta"] if cfg.denominator == "theta_k" else step.theta_next
+    theta_den = inp.theta if cfg.denominator == "theta_k" else step.theta_next
     g17 = flatten(eq17_gradient(problem, step.theta_next, eta, outer, theta_den, eta))
-    look = meta_gradient(problem, tx, inp["theta"], eta, [look_rnd], outer, opt_state=state, **kw)
-    res1 = meta_gradient(problem, tx, inp["theta"], eta, [rnd], outer, opt_state=state, **kw)
+    look = meta_gradient(problem, tx, inp.theta, eta, [look_rnd], outer, opt_state=state, **kw)
+    res1 = meta_gradient(problem, tx, inp.theta, eta, [rnd], outer, opt_state=state, **kw)
     runs = [(1, res1)]
     if prev is not None:
-        p = prev.inputs
-        st0 = optimizer_state_from_list(tx.init(p["theta"]), p["opt_state"])
-        r0 = Round(p["batch"], p["minibatches"])
+        p = prev.round
+        st0 = optimizer_state_from_list(tx.init(p.theta), p.opt_state)
+        r0 = Round(p.batch, p.minibatches)
         runs.append(
-            (2, meta_gradient(problem, tx, p["theta"], eta, [r0, rnd], outer, opt_state=st0, **kw))
+            (2, meta_gradient(problem, tx, p.theta, eta, [r0, rnd], outer, opt_state=st0, **kw))
         )
     rows = []
     for r, res in runs:
@@ -578,9 +578,7 @@ class CostSetup:
                 tx.init((params.flat,)),
                 data,
                 PPOCoefs(),
-                EPOCHS,
-                MINIBATCHES,
-                np.random.default_rng(0),
+                minibatch_indices(n, EPOCHS, MINIBATCHES, torch.Generator().manual_seed(0)),
                 self.cond,
             )
 
@@ -1263,7 +1261,7 @@ def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) 
             "adv_ex": adv.reshape(-1),
         }
         res = pending.finish(outer, denominator=cfg.denominator, score_weight=1.0)
-        scale = bilevel._reward_scale(col)
+        scale = bilevel.reward_scale(col)
         w = score_weight(val.episodes, baseline, scale, adv)
         w0 = score_weight(val.episodes, 0.0, scale, adv)
         col.envs.close()

@@ -62,7 +62,7 @@ def test_each_algo_and_estimator_runs_and_moves_eta(tmp_path, algo, meta_grad):
     for s in steps:
         g = flatten(s.grad)
         assert torch.isfinite(g).all() and g.norm() > 0
-    eta0, eta1 = steps[0].inputs["eta"], steps[1].inputs["eta"]
+    eta0, eta1 = steps[0].round.eta, steps[1].round.eta
     assert (flatten(eta0) - flatten(eta1)).abs().max() > 0  # eta changed between rounds
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (flatten(ckpt["eta"]) - flatten(eta1)).abs().max() > 0
@@ -80,14 +80,14 @@ def test_exact_mode_applies_the_engines_total(tmp_path):
     policy, reward = _nets(cfg)
     problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
     for s in steps:
-        inp = s.inputs
-        state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
         ref = meta_gradient(
             problem,
             tx,
-            inp["theta"],
-            inp["eta"],
-            [Round(inp["batch"], inp["minibatches"])],
+            inp.theta,
+            inp.eta,
+            [Round(inp.batch, inp.minibatches)],
             s.outer,
             opt_state=state,
             terms=True,
@@ -111,15 +111,15 @@ def test_sampling_aware_mode_applies_total_plus_score(tmp_path):
     weights = [s.diagnostics["score_weight"] for s in steps]
     assert any(w != 0.0 for w in weights)
     for s in steps:
-        inp = s.inputs
-        state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
         w = s.diagnostics["score_weight"] or None
         pending = start_meta_gradient(
             problem,
             tx,
-            inp["theta"],
-            inp["eta"],
-            [Round(inp["batch"], inp["minibatches"])],
+            inp.theta,
+            inp.eta,
+            [Round(inp.batch, inp.minibatches)],
             opt_state=state,
         )
         ref = pending.finish(s.outer, score_weight=w)
@@ -135,7 +135,7 @@ def test_validation_round_uses_the_documented_denominator(tmp_path, denominator)
     policy, reward = _nets(cfg)
     problem = build_problem(cfg, policy, reward)
     s = steps[-1]
-    theta_k, theta_k1, eta = s.inputs["theta"], s.theta_next, s.inputs["eta"]
+    theta_k, theta_k1, eta = s.round.theta, s.theta_next, s.round.eta
     want_den = theta_k if denominator == "theta_k" else theta_k1
     other_den = theta_k1 if denominator == "theta_k" else theta_k
     ref = eq17_gradient(problem, theta_k1, eta, s.outer, want_den, eta)

@@ -63,12 +63,12 @@ def test_terms_add_up_to_the_total_on_a_stored_round(tmp_path):
     policy, reward = ct.nets_for(cfg, 4, 1)
     problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
     s = steps[-1]
-    inp = s.inputs
-    state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
-    rnd = Round(inp["batch"], inp["minibatches"])
-    split = meta_gradient(problem, tx, inp["theta"], inp["eta"], [rnd], s.outer, opt_state=state)
+    inp = s.round
+    state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
+    rnd = Round(inp.batch, inp.minibatches)
+    split = meta_gradient(problem, tx, inp.theta, inp.eta, [rnd], s.outer, opt_state=state)
     whole = meta_gradient(
-        problem, tx, inp["theta"], inp["eta"], [rnd], s.outer, opt_state=state, terms=False
+        problem, tx, inp.theta, inp.eta, [rnd], s.outer, opt_state=state, terms=False
     )
     terms = sum(flatten(getattr(split, n)) for n in ("eq11", "eq12", "eq13", "eq14"))
     torch.testing.assert_close(terms, flatten(whole.total), rtol=1e-4, atol=1e-7)
