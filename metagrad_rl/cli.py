@@ -36,6 +36,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
     from metagrad_rl.config import field_docs
 
     docs = field_docs(config_cls)
+    choices = config_cls.field_choices() if hasattr(config_cls, "field_choices") else {}
     group = parser.add_argument_group(f"{config_cls.__name__} (hyperparameters)")
     for f in dataclasses.fields(config_cls):
         default = f.default
@@ -45,6 +46,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kw.update(nargs="+", type=int, metavar="N")
+        elif f.name in choices:
+            kw["choices"] = choices[f.name]
         elif isinstance(default, int | float | str):
             kw["type"] = type(default)
             kw["metavar"] = f.name.upper()

@@ -42,7 +42,12 @@ def test_accuracy_terms_sum_to_the_exact_total(tmp_path):
     assert {r["R"] for r in rows} == {1, 2}
     for r in rows:
         assert r["norm_total"] > 0
-        assert 0.0 <= r["share_eq11"] and r["cos_eq11"] <= 1.0 + 1e-6
+        # total = the sum of the four terms, so <total, total> = sum_n <term_n, total>:
+        # the norms and cosines the table prints must satisfy sum_n |t_n| cos_n = |total|
+        names = [n for n in ("eq11", "eq12", "eq13", "eq14") if r[f"norm_{n}"] > 0]  # cos nan at 0
+        parts = sum(r[f"norm_{n}"] * r[f"cos_{n}"] for n in names)
+        assert parts == pytest.approx(r["norm_total"], rel=1e-3)
+        assert r["share_eq11"] == pytest.approx(r["norm_eq11"] / r["norm_total"])
     r1 = [r for r in rows if r["R"] == 1]
     assert all(r["norm_eq14"] == 0.0 for r in r1)
     assert all(r["eq17_vs_eq11_relerr"] < 1e-5 for r in r1)
@@ -114,8 +119,10 @@ def test_cost_section_runs_with_two_steps(tmp_path):
 
 
 def test_memory_probe_in_a_subprocess():
-    row = ct.probe("exact_total", 2, 1, 0, 2)
-    assert row["rss_peak_delta_bytes"] >= 0 and row["graph_bytes"] > 0
+    """The probe's graph grows with the unroll: 8 inner steps hold more than 2 steps do."""
+    small, large = ct.probe("exact_total", 2, 1, 0, 2), ct.probe("exact_total", 8, 1, 0, 2)
+    assert isinstance(small["rss_peak_delta_bytes"], int)
+    assert large["graph_bytes"] > 1.3 * small["graph_bytes"] > 0
 
 
 def test_explicit_sgd_reference_matches_the_engine_on_the_cost_problem():
@@ -175,4 +182,7 @@ def test_mujoco_draws_from_a_tiny_run(tmp_path):
         **TINY,
     )
     res = ct.mujoco_draws(tmp_path / "run" / "checkpoint.pt", 3, 0, progress=False)
-    assert len(res["rows"]) == 3 and all(r["total_variance"] >= 0 for r in res["rows"])
+    assert len(res["rows"]) == 3
+    # independent draws give different gradients, and the CLN policy's score term is not 0
+    assert res["rows"][0]["total_variance"] > 0
+    assert min(res["norm_grad_log_p"]) > 0

@@ -140,6 +140,22 @@ class BilevelConfig(PPOConfig):
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay={self.baseline_decay} is invalid: expected [0, 1)")
 
+    @classmethod
+    def field_choices(cls) -> dict[str, tuple[str, ...]]:
+        """The accepted values of the fields that take a name (the CLI's ``choices``)."""
+        names = tuple(m.name for m in meta_grads.META_GRADS.values() if cls.accepts(m))
+        return {
+            **super().field_choices(),
+            "meta_grad": names,
+            "surrogate": tuple(x.value for x in InnerSurrogate),
+            "denominator": ("theta_k", "theta_k+1"),
+        }
+
+    @classmethod
+    def accepts(cls, mg: meta_grads.MetaGrad) -> bool:
+        """Whether this algorithm's policy can use estimator ``mg``."""
+        return "cln" in cls.CONDITIONINGS or not mg.needs_cln
+
 
 @dataclass
 class CLNConfig(BilevelConfig):
@@ -163,11 +179,10 @@ class LIRPGConfig(BilevelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if meta_grads.get(self.meta_grad).needs_cln:
-            accepted = [m.name for m in meta_grads.META_GRADS.values() if not m.needs_cln]
+        if not self.accepts(meta_grads.get(self.meta_grad)):
             raise ConfigError(
                 f"meta_grad={self.meta_grad!r} needs a CLN policy: lirpg accepts "
-                f"{', '.join(accepted)}"
+                f"{', '.join(self.field_choices()['meta_grad'])}"
             )
 
 

@@ -194,14 +194,16 @@ register(
 
 
 def markdown_table() -> str:
-    """The registry as the docs' table (``docs/estimators.md`` embeds this output)."""
+    """The registry as the docs' table (``docs/equations.md`` holds this output; a test checks
+    it is current)."""
     lines = [
-        "| `--meta-grad` | applies | unroll | Eq 11-14 split | score term |",
-        "|---|---|---|---|---|",
+        "| `--meta-grad` | applies to `eta` | unroll | Eq 11-14 split | score term | log columns |",
+        "|---|---|---|---|---|---|",
     ]
     for m in META_GRADS.values():
+        keys = ", ".join(f"`{k}`" for k in m.log_keys)
         lines.append(
             f"| `{m.name}` | {m.help} | {m.unroll} | {'yes' if m.terms else 'no'} "
-            f"| {m.score or '-'} |"
+            f"| {m.score or '-'} | {keys} |"
         )
     return "\n".join(lines)

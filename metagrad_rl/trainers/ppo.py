@@ -164,6 +164,11 @@ class PPOConfig:
         size = math.ceil(self.batch_size / self.num_minibatches)
         return self.update_epochs * math.ceil(self.batch_size / size)
 
+    @classmethod
+    def field_choices(cls) -> dict[str, tuple[str, ...]]:
+        """The accepted values of the fields that take a name (the CLI's ``choices``)."""
+        return {"conditioning": cls.CONDITIONINGS}
+
     def coefs(self) -> PPOCoefs:
         return PPOCoefs(self.clip_coef, self.clip_vloss, self.ent_coef, self.vf_coef, self.norm_adv)
 
