@@ -156,9 +156,19 @@ def test_each_algo_and_estimator_runs_and_moves_eta(tmp_path, algo, meta_grad):
     assert (flatten(ckpt["eta"]) - flatten(eta1)).abs().max() > 0
     rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()
     header = rows[0].split(",")
-    assert "norm_applied" in header and "intrinsic_reward_mean" in header
     last = dict(zip(header, rows[-1].split(",")))
-    assert float(last["norm_applied"]) > 0
+    # PPO's columns, the intrinsic reward's statistics and every term the estimator computes
+    # (Eq 11-14 for the split ones, the score term for sampling-aware/dice) are filled
+    mg = meta_grads.get(meta_grad)
+    cols = ["pg_loss", "entropy", "approx_kl", "clip_frac", "lr", "v_loss", "grad_clip_share"]
+    cols += ["intrinsic_reward_mean", "intrinsic_reward_std", "norm_applied", *mg.log_keys]
+    for col in cols:
+        assert last[col] != "", col
+    assert float(last["norm_applied"]) == pytest.approx(float(flatten(steps[-1].grad).norm()), 1e-5)
+    if mg.terms:
+        assert float(last["norm_eq13"]) > 0 and "norm_eq14" in header
+    if mg.score is not None:
+        assert "norm_score" in header and "score_weight" in header
 
 
 def test_exact_mode_applies_the_engines_total(tmp_path):

@@ -31,6 +31,7 @@ from metagrad_rl.logging import (
     CHECKPOINT_FILE,
     RunLogger,
     prepare_run_dir,
+    resume_checkpoint,
     write_run_config,
     write_summary,
 )
@@ -58,7 +59,8 @@ def check_new_steps(ckpt: Mapping[str, Any], cfg: Any, out: str | Path) -> None:
     if cfg.num_iterations <= int(ckpt["iteration"]):
         raise ConfigError(
             f"--total-steps={cfg.total_steps} asks for no new steps: the run in {str(out)!r} "
-            f"has done {done}; pass --total-steps above {done} to extend it"
+            f"has done {done} (rollouts of {cfg.batch_size}); pass --total-steps >= "
+            f"{done + cfg.batch_size} to extend it"
         )
 
 
@@ -79,7 +81,7 @@ def lr_restart_of(ckpt: Mapping[str, Any] | None, cfg: Any) -> int:
 def begin(algo: str, cfg: Any, out: str | Path, resume: bool) -> dict[str, Any] | None:
     """Before any work: the checkpoint to resume (checked against ``cfg``) or ``None``; sets
     torch's threads and seed (so that the trainer's setup initialises networks the same way)."""
-    ckpt = load_checkpoint(Path(out) / CHECKPOINT_FILE) if resume else None
+    ckpt = load_checkpoint(resume_checkpoint(out)) if resume else None
     if ckpt is not None:
         if ckpt.get("algo", algo) != algo:
             raise ConfigError(f"algo={algo!r} differs from the resumed run's {ckpt.get('algo')!r}")
