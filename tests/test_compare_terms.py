@@ -92,9 +92,36 @@ def test_table_writer_writes_csv_and_json(tmp_path):
 
 
 def test_targets_say_pass_or_miss_and_by_how_much():
-    assert ct.target("x", 1.1, 1.2)["verdict"] == "PASS"
-    miss = ct.target("x", 3.3, 3.0)
+    ok = ct.target("time of x / time of y", 1.1, 1.2, "x")
+    assert ok["verdict"] == "PASS" and ok["why"] == ""
+    miss = ct.target("time of x / time of y", 3.3, 3.0, "x")
     assert miss["verdict"] == "MISS" and miss["margin"] == "+10% of the limit"
+    assert miss["why"] == "time of x / time of y is 3.3x, above the limit 3x"
+    text = ct.cost_tables({"estimators": [], "eq12": [], "growth": [], "targets": [ok, miss]})
+    assert "- MISS: time of x / time of y is 3.3x, above the limit 3x" in text
+    assert "issue" not in text
+
+
+def test_tables_define_their_columns_and_plots_keep_one_colour_per_estimator():
+    from termbench.plots import colour
+
+    from metagrad_rl.trainers.meta_grads import META_GRADS
+
+    row = dict(conditioned=True, rounds=2, batch_size=1, estimator="plain", baseline=None)
+    text = ct.tabular_table([dict(row, mode="exact", bias_rel=0.1, variance_rel=1, stderr_rel=0)])
+    for definition in ("cond. =", "K =", "B =", "mode:", "baseline:"):
+        assert definition in text
+    acc = dict(meta_step=1, env_steps=2, R=1, norm_total=1.0, norm_eq17=0.5)
+    for n in ("11", "12", "13", "14"):
+        acc.update({f"norm_eq{n}": 0.7, f"share_eq{n}": 0.7})
+    for e in ct.ESTIMATORS:
+        acc.update({f"cos_{e}": 0.5, f"norm_{e}": 1.0, f"relerr_{e}": 0.1})
+    text = ct.accuracy_tables([acc])
+    assert "R = policy rounds unrolled" in text and "exceeds 1" in text
+    colours = [colour(m) for m in META_GRADS]
+    assert len(set(colours)) == len(colours)
+    assert colour("cln (eq17)") == colour("eq17") == colour("cln-eq17-Hopper-v5")
+    assert colour("cln-three-term-Hopper-v5") == colour("three-term") != colour("eq17")
 
 
 def test_cost_section_runs_with_two_steps(tmp_path):
