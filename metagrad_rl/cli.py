@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from metagrad_rl.errors import ConfigError
@@ -36,6 +38,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
     from metagrad_rl.config import field_docs
 
     docs = field_docs(config_cls)
+    choices = config_cls.field_choices() if hasattr(config_cls, "field_choices") else {}
     group = parser.add_argument_group(f"{config_cls.__name__} (hyperparameters)")
     for f in dataclasses.fields(config_cls):
         default = f.default
@@ -45,6 +48,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kw.update(nargs="+", type=int, metavar="N")
+        elif f.name in choices:
+            kw["choices"] = choices[f.name]
         elif isinstance(default, int | float | str):
             kw["type"] = type(default)
             kw["metavar"] = f.name.upper()
@@ -52,7 +57,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
 
 
 def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
-    """The full parser; ``train`` gets the flags of ``algo``'s config."""
+    """The full parser; ``train`` gets the flags of ``algo``'s config (and it as --algo's
+    default, so that ``--resume`` without ``--algo`` takes the resumed run's)."""
     from metagrad_rl.trainers import ALGOS
 
     parser = _Parser(
@@ -69,7 +75,10 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         "`metagrad-rl train --algo NAME --help` lists that algorithm's flags.",
     )
     train.add_argument(
-        "--algo", choices=sorted(ALGOS), default=DEFAULT_ALGO, help="algorithm (default: ppo)"
+        "--algo",
+        choices=sorted(ALGOS),
+        default=algo if algo in ALGOS else DEFAULT_ALGO,
+        help="algorithm (default: ppo; with --resume, the resumed run's)",
     )
     train.add_argument(
         "--out", required=True, metavar="DIR", help="run directory (logs, checkpoint)"
@@ -77,7 +86,10 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint (may raise --total-steps)",
+        help="continue the run in --out from its checkpoint with its config.json's algorithm "
+        "and settings (a flag that contradicts them is an error); --total-steps may change: "
+        "then the learning-rate annealing restarts where the run resumes (back to --lr, to 0 "
+        "at the new total)",
     )
     train.add_argument(
         "--overwrite",
@@ -114,12 +126,29 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     return parser
 
 
-def _peek_algo(argv: Sequence[str]) -> str:
+def _peek(argv: Sequence[str], flag: str) -> str | None:
     for i, a in enumerate(argv):
-        if a == "--algo" and i + 1 < len(argv):
+        if a == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if a.startswith("--algo="):
+        if a.startswith(flag + "="):
             return a.split("=", 1)[1]
+    return None
+
+
+def _peek_algo(argv: Sequence[str]) -> str:
+    """``--algo``; with ``--resume`` and no ``--algo``, the resumed run's (its config.json)."""
+    algo = _peek(argv, "--algo")
+    if algo is not None:
+        return algo
+    out = _peek(argv, "--out")
+    if "--resume" in argv and out:
+        from metagrad_rl.logging import CONFIG_FILE
+
+        try:
+            saved = json.loads((Path(out) / CONFIG_FILE).read_text())
+            return str(saved["algo"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # the resume itself reports what is wrong with the directory
     return DEFAULT_ALGO
 
 
@@ -128,22 +157,33 @@ def make_train_config(args: argparse.Namespace) -> Any:
     """The config from explicit flags, on top of the resumed run's config with ``--resume``."""
     from metagrad_rl.checkpoint import load_checkpoint
     from metagrad_rl.config import from_dict
-    from metagrad_rl.logging import CHECKPOINT_FILE
+    from metagrad_rl.logging import resume_checkpoint
     from metagrad_rl.trainers import ALGOS
 
     cls = ALGOS[args.algo].config_cls
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in args}
     base: dict[str, Any] = {}
     if args.resume:
-        import os
-
-        ckpt = load_checkpoint(os.path.join(args.out, CHECKPOINT_FILE))
+        ckpt = load_checkpoint(resume_checkpoint(args.out))
         if ckpt.get("algo") != args.algo:
             raise ConfigError(
-                f"--algo={args.algo!r} differs from the resumed run's {ckpt.get('algo')!r}"
+                f"--algo={args.algo!r} differs from the resumed run's {ckpt.get('algo')!r}: "
+                "leave --algo out to resume with the run's own"
             )
         base = dict(ckpt["config"])
     return from_dict(cls, {**base, **explicit})
+
+
+def rounding_note(config: Any) -> str | None:
+    """One line when ``total_steps`` is not a whole number of rollouts (it is rounded down)."""
+    done = config.num_iterations * config.batch_size
+    if done == config.total_steps:
+        return None
+    return (
+        f"note: --total-steps {config.total_steps} is not a multiple of the rollout "
+        f"(num_steps * num_envs = {config.batch_size}): training {done} steps "
+        f"({config.num_iterations} iterations)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -158,18 +198,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         from metagrad_rl.logging import clear_run_dir
 
         clear_run_dir(args.out)
-    total = config.total_steps
+    note = rounding_note(config)
+    total = config.num_iterations * config.batch_size
     every = max(1, getattr(config, "num_iterations", 10) // 10)
     bars: list[Any] = []  # made at the first report, so that bad input prints one line only
     state: dict[str, Any] = {"it": 0, "last": ""}
 
     def progress(step: int, row: dict[str, Any]) -> None:
-        if not bars:
-            start = step - int(getattr(config, "batch_size", 0))
+        if not bars:  # starts at the first report, so its rate covers whole iterations
+            if note is not None:  # printed once the run is known to be valid
+                print(note)
             bars.append(
                 tqdm(
                     total=total,
-                    initial=max(start, 0),
+                    initial=step,
                     unit="step",
                     disable=args.no_progress,
                     dynamic_ncols=True,

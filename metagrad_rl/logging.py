@@ -51,29 +51,107 @@ def check_writable_dir(out: str | Path) -> Path:
     return p
 
 
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Checks ``out`` before any work: writable, and holding a run exactly when resuming."""
+RUN_FILES = (CONFIG_FILE, PROGRESS_FILE, CHECKPOINT_FILE, SUMMARY_FILE)
+#: TensorBoard event files of ``train --tensorboard`` (a folder inside the run directory).
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _is_our_temp(name: str) -> bool:
+    """A temporary file of an atomic write (or the write probe) that a kill left behind."""
+    if name.startswith(".write-probe."):
+        return True
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def check_run_dir(out: str | Path) -> Path:
+    """Refuses ``--out ""`` and a directory holding files this tool did not write."""
+    if not str(out).strip():
+        raise ConfigError(
+            "--out '' is invalid: expected a directory path for the run (e.g. runs/my-run)"
+        )
     p = Path(out)
-    if resume:
-        if not (p / CHECKPOINT_FILE).is_file():
+    if not p.is_dir():
+        return p
+    ours = {*RUN_FILES, TENSORBOARD_DIR}
+    foreign = sorted(e.name for e in p.iterdir() if e.name not in ours and not _is_our_temp(e.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"output directory {str(p)!r} holds files metagrad-rl did not write ({shown}): "
+            "expected a new or empty directory, or the --out of an earlier run"
+        )
+    if (p / CONFIG_FILE).exists():
+        try:
+            cfg = json.loads((p / CONFIG_FILE).read_text())
+            ok = isinstance(cfg, dict) and {"algo", "config"} <= set(cfg)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
             raise ConfigError(
-                f"cannot resume: {str(p / CHECKPOINT_FILE)!r} does not exist: expected the --out "
-                "directory of an earlier run"
+                f"{str(p / CONFIG_FILE)!r} was not written by metagrad-rl: expected a new or "
+                "empty directory, or the --out of an earlier run"
             )
-        return check_writable_dir(p)
-    if (p / CHECKPOINT_FILE).exists() or (p / PROGRESS_FILE).exists():
+    return p
+
+
+def remove_stale_temps(run_dir: Path) -> list[str]:
+    """Removes temporary files that a killed write left in ``run_dir``; returns their names."""
+    gone = []
+    for e in run_dir.iterdir():
+        if e.is_file() and _is_our_temp(e.name):
+            e.unlink(missing_ok=True)
+            gone.append(e.name)
+    return gone
+
+
+def resume_checkpoint(out: str | Path) -> Path:
+    """The checkpoint ``--resume`` continues from, or a one-line error saying what to do."""
+    path = check_run_dir(out) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"cannot resume: {str(path)!r} does not exist: expected the --out directory of an "
+            "earlier run (a run stopped before its first checkpoint is started again without "
+            "--resume)"
+        )
+    return path
+
+
+def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+    """Checks ``out`` before any work: writable, ours, and holding a run exactly when resuming.
+
+    A directory whose run was killed before its first checkpoint (a ``config.json`` and maybe
+    a ``progress.csv``, no ``checkpoint.pt``) is started afresh; stale temporary files of
+    interrupted atomic writes are removed.
+    """
+    p = check_run_dir(out)
+    if resume:
+        resume_checkpoint(p)
+    elif (p / CHECKPOINT_FILE).exists():
         raise ConfigError(
             f"output directory {str(p)!r} already holds a run: pass --resume to continue it or "
             "choose another --out"
         )
-    return check_writable_dir(p)
+    elif p.is_dir():
+        clear_run_dir(p)  # a run that stopped before its first checkpoint: start it again
+    p = check_writable_dir(p)
+    remove_stale_temps(p)
+    return p
 
 
 def clear_run_dir(out: str | Path) -> None:
-    """Removes an earlier run's files from ``out`` (``train --overwrite``); keeps other files."""
-    p = Path(out)
-    for name in (CHECKPOINT_FILE, PROGRESS_FILE, SUMMARY_FILE, CONFIG_FILE):
+    """Removes an earlier run's files from ``out`` (``train --overwrite``).
+
+    Refuses (before deleting anything) a directory holding files this tool did not write.
+    """
+    p = check_run_dir(out)
+    if not p.is_dir():
+        return
+    for name in RUN_FILES:
         (p / name).unlink(missing_ok=True)
+    if (p / TENSORBOARD_DIR).is_dir():
+        import shutil
+
+        shutil.rmtree(p / TENSORBOARD_DIR)
 
 
 def write_run_config(run_dir: Path, algo: str, config: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,19 @@ def mean_and_spread(
     return grid, ys.mean(axis=0), ys.std(axis=0)
 
 
+def draw_mean_band(
+    ax: Any, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: Any = None
+) -> None:
+    """One line: the mean over ``curves`` with a +-1 std band (no band for a single curve).
+
+    The one mean +- std drawing of the project (``metagrad-rl plot`` and the benchmarks).
+    """
+    grid, mean, std = mean_and_spread(curves)
+    (line,) = ax.plot(grid, mean, label=f"{label} (n={len(curves)})", color=color)
+    if len(curves) > 1:
+        ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
+
+
 def plot_runs(
     run_dirs: list[str], out: str | Path, metric: str = "episodic_return", title: str = ""
 ) -> Path:
@@ -80,10 +94,7 @@ def plot_runs(
         for (algo, e), curves in sorted(groups.items()):
             if e != env:
                 continue
-            grid, mean, std = mean_and_spread(curves)
-            (line,) = ax.plot(grid, mean, label=f"{algo} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(grid, mean - std, mean + std, alpha=0.25, color=line.get_color())
+            draw_mean_band(ax, curves, algo)
         ax.set_title(env)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(metric.replace("_", " "))

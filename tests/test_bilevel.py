@@ -11,9 +11,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from metagrad_rl.advantages import normalize
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.metagrad import eq17_gradient, flatten, meta_gradient
-from metagrad_rl.networks import GaussianPolicy, IntrinsicReward, gaussian_log_prob
+from metagrad_rl.networks import GaussianPolicy, IntrinsicReward, cln_condition, gaussian_log_prob
+from metagrad_rl.ppo import clipped_surrogate_loss
+from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,
     LIRPGConfig,
@@ -22,7 +25,8 @@ from metagrad_rl.trainers.bilevel import (
     train,
 )
 from metagrad_rl.trainers.common import optimizer_state_from_list
-from metagrad_rl.unroll import Round
+from metagrad_rl.trainers.meta_grads import MetaGrad
+from metagrad_rl.unroll import EtaPaths, Round, unroll
 
 SMALL = dict(
     env="InvertedPendulum-v5",
@@ -44,6 +48,90 @@ def _config(algo, **kw):
     return cls(**{**SMALL, **kw})
 
 
+def _log_prob(policy, theta, eta, batch):
+    mean, log_std = functional_call(policy, theta, (batch["obs"], cln_condition(eta)))
+    return gaussian_log_prob(mean, log_std, batch["act"])
+
+
+def _grad(loss, leaves):
+    if not loss.requires_grad:  # an unconditioned policy: the loss does not see eta
+        return {k: torch.zeros_like(v) for k, v in leaves.items()}
+    gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, retain_graph=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), gs)}
+
+
+def _lookahead_terms(cfg, s):
+    """Eq 12, Eq 13 (a fresh one-step full-batch look-ahead from the stored theta_k, with eta
+    on the policy and the reward paths as separate leaves) and Eq 17 at the trainer's
+    theta_{k+1}, by autograd on the problem's own losses."""
+    policy, reward = _nets(cfg)
+    problem, tx, rec = build_problem(cfg, policy, reward), policy_optimizer(cfg), s.round
+    fixed = {k: v.detach() for k, v in rec.eta.items()}
+    pol, rew, out = ({k: v.clone().requires_grad_(True) for k, v in fixed.items()} for _ in "abc")
+    state = optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)
+    full = torch.arange(rec.batch["r_ex"].numel())
+    res = unroll(
+        problem, tx, rec.theta, EtaPaths(fixed, pol, rew, fixed), [Round(rec.batch, [full])], state
+    )
+    den = {k: v.detach() for k, v in rec.theta.items()}
+    loss = problem.outer_loss(res.theta, s.outer, eta_policy=fixed, theta_den=den, eta_den=fixed)
+    g12, g13 = _grad(loss, pol), _grad(loss, rew)
+    nxt = {k: v.detach() for k, v in s.theta_next.items()}
+    loss17 = problem.outer_loss(nxt, s.outer, eta_policy=out, theta_den=den, eta_den=fixed)
+    return g12, g13, _grad(loss17, out)
+
+
+def test_lirpg_applies_eq13_of_its_one_step_lookahead(tmp_path):
+    steps = []
+    cfg = _config("cln", meta_grad="lirpg")
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    for s in steps:
+        g12, g13, _ = _lookahead_terms(cfg, s)
+        torch.testing.assert_close(flatten(s.grad), flatten(g13), rtol=1e-4, atol=1e-7)
+        assert flatten(g12).norm() > 1e-3 * flatten(g13).norm()  # Eq 12 exists and is left out
+
+
+def test_three_term_applies_eq17_plus_eq12_plus_eq13_of_its_lookahead(tmp_path):
+    steps = []
+    cfg = _config("cln", meta_grad="three-term")
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    for s in steps:
+        g12, g13, g17 = _lookahead_terms(cfg, s)
+        want = flatten(g17) + flatten(g12) + flatten(g13)
+        torch.testing.assert_close(flatten(s.grad), want, rtol=1e-4, atol=1e-7)
+        assert min(flatten(g).norm() for g in (g12, g13, g17)) > 0
+
+
+def test_a_toy_estimator_is_one_registry_entry(tmp_path):
+    """Half of Eq 13 of the look-ahead, registered without touching the trainer."""
+
+    def half_eq13(ctx):
+        g = {k: 0.5 * v for k, v in ctx.result.eq13.items()}
+        return g, {"half_eq13": g}
+
+    entry = MetaGrad(
+        "half-eq13", "half of Eq 13", half_eq13, "lookahead", True, log_keys=("norm_half_eq13",)
+    )
+    meta_grads.register(entry)
+    try:
+        steps = []
+        cfg = _config("lirpg", meta_grad="half-eq13")
+        train(cfg, tmp_path / "run", on_meta_step=steps.append)
+        _, g13, _ = _lookahead_terms(cfg, steps[-1])
+        torch.testing.assert_close(
+            flatten(steps[-1].grad), 0.5 * flatten(g13), rtol=1e-4, atol=1e-8
+        )
+        last = (tmp_path / "run" / "progress.csv").read_text().splitlines()
+        row = dict(zip(last[0].split(","), last[-1].split(",")))
+        assert float(row["norm_half_eq13"]) == pytest.approx(
+            float(flatten(steps[-1].grad).norm()), rel=1e-4
+        )
+    finally:
+        meta_grads.unregister("half-eq13")
+    with pytest.raises(ConfigError, match="meta_grad='half-eq13' is invalid"):
+        _config("lirpg", meta_grad="half-eq13")
+
+
 def _nets(cfg):
     reward = IntrinsicReward(4, 1, cfg.reward_hidden, cfg.bottleneck)
     policy = GaussianPolicy(
@@ -62,15 +150,25 @@ def test_each_algo_and_estimator_runs_and_moves_eta(tmp_path, algo, meta_grad):
     for s in steps:
         g = flatten(s.grad)
         assert torch.isfinite(g).all() and g.norm() > 0
-    eta0, eta1 = steps[0].inputs["eta"], steps[1].inputs["eta"]
+    eta0, eta1 = steps[0].round.eta, steps[1].round.eta
     assert (flatten(eta0) - flatten(eta1)).abs().max() > 0  # eta changed between rounds
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (flatten(ckpt["eta"]) - flatten(eta1)).abs().max() > 0
     rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()
     header = rows[0].split(",")
-    assert "norm_applied" in header and "intrinsic_reward_mean" in header
     last = dict(zip(header, rows[-1].split(",")))
-    assert float(last["norm_applied"]) > 0
+    # PPO's columns, the intrinsic reward's statistics and every term the estimator computes
+    # (Eq 11-14 for the split ones, the score term for sampling-aware/dice) are filled
+    mg = meta_grads.get(meta_grad)
+    cols = ["pg_loss", "entropy", "approx_kl", "clip_frac", "lr", "v_loss", "grad_clip_share"]
+    cols += ["intrinsic_reward_mean", "intrinsic_reward_std", "norm_applied", *mg.log_keys]
+    for col in cols:
+        assert last[col] != "", col
+    assert float(last["norm_applied"]) == pytest.approx(float(flatten(steps[-1].grad).norm()), 1e-5)
+    if mg.terms:
+        assert float(last["norm_eq13"]) > 0 and "norm_eq14" in header
+    if mg.score is not None:
+        assert "norm_score" in header and "score_weight" in header
 
 
 def test_exact_mode_applies_the_engines_total(tmp_path):
@@ -80,14 +178,14 @@ def test_exact_mode_applies_the_engines_total(tmp_path):
     policy, reward = _nets(cfg)
     problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
     for s in steps:
-        inp = s.inputs
-        state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
         ref = meta_gradient(
             problem,
             tx,
-            inp["theta"],
-            inp["eta"],
-            [Round(inp["batch"], inp["minibatches"])],
+            inp.theta,
+            inp.eta,
+            [Round(inp.batch, inp.minibatches)],
             s.outer,
             opt_state=state,
             terms=True,
@@ -111,15 +209,15 @@ def test_sampling_aware_mode_applies_total_plus_score(tmp_path):
     weights = [s.diagnostics["score_weight"] for s in steps]
     assert any(w != 0.0 for w in weights)
     for s in steps:
-        inp = s.inputs
-        state = optimizer_state_from_list(tx.init(inp["theta"]), inp["opt_state"])
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
         w = s.diagnostics["score_weight"] or None
         pending = start_meta_gradient(
             problem,
             tx,
-            inp["theta"],
-            inp["eta"],
-            [Round(inp["batch"], inp["minibatches"])],
+            inp.theta,
+            inp.eta,
+            [Round(inp.batch, inp.minibatches)],
             opt_state=state,
         )
         ref = pending.finish(s.outer, score_weight=w)
@@ -135,18 +233,22 @@ def test_validation_round_uses_the_documented_denominator(tmp_path, denominator)
     policy, reward = _nets(cfg)
     problem = build_problem(cfg, policy, reward)
     s = steps[-1]
-    theta_k, theta_k1, eta = s.inputs["theta"], s.theta_next, s.inputs["eta"]
+    theta_k, theta_k1, eta = s.round.theta, s.theta_next, s.round.eta
     want_den = theta_k if denominator == "theta_k" else theta_k1
     other_den = theta_k1 if denominator == "theta_k" else theta_k
     ref = eq17_gradient(problem, theta_k1, eta, s.outer, want_den, eta)
     other = eq17_gradient(problem, theta_k1, eta, s.outer, other_den, eta)
     torch.testing.assert_close(flatten(s.grad), flatten(ref), rtol=1e-5, atol=1e-8)
     assert (flatten(ref) - flatten(other)).norm() > 1e-3 * flatten(ref).norm()
-    # and that denominator is log pi_{theta_den, eta_i} of the validation batch:
-    from metagrad_rl.networks import cln_condition
-
-    mean, log_std = functional_call(policy, want_den, (s.outer["obs"], cln_condition(eta)))
-    assert torch.isfinite(gaussian_log_prob(mean, log_std, s.outer["act"])).all()
+    # and by hand: the clipped surrogate of pi_{theta_k+1, eta} / pi_{theta_den, eta_i}
+    # (denominator a constant), differentiated w.r.t. the numerator's eta only
+    leaf = {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
+    logp = _log_prob(policy, theta_k1, leaf, s.outer)
+    old = _log_prob(policy, want_den, eta, s.outer).detach()
+    adv = normalize(s.outer["adv_ex"])
+    loss = clipped_surrogate_loss(logp, old, adv, cfg.clip_coef)
+    by_hand = _grad(loss, leaf)
+    torch.testing.assert_close(flatten(s.grad), flatten(by_hand), rtol=1e-5, atol=1e-8)
 
 
 def test_bilevel_resume_continues_exactly(tmp_path):
@@ -168,3 +270,15 @@ def test_bad_bilevel_config_is_a_clear_error():
         _config("lirpg", meta_grad="eq17")
     with pytest.raises(ConfigError, match="eta_lr"):
         _config("cln", eta_lr=0.0)
+
+
+def test_docs_table_and_cli_choices_read_the_registry(capsys):
+    from pathlib import Path
+
+    from metagrad_rl.cli import build_parser
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "equations.md").read_text()
+    assert meta_grads.markdown_table() in docs
+    with pytest.raises(SystemExit):
+        build_parser("cln").parse_args(["train", "--algo", "cln", "--help"])
+    assert "--meta-grad {" + ",".join(meta_grads.META_GRADS) + "}" in capsys.readouterr().out

@@ -14,10 +14,10 @@ from metagrad_rl.trainers.common import (
     Minibatch,
     PPOCoefs,
     make_optimizer,
-    minibatch_indices,
     ppo_loss,
     ppo_update,
 )
+from metagrad_rl.unroll import minibatch_indices
 
 
 def test_clipped_surrogate_by_hand():
@@ -69,24 +69,21 @@ def test_ppo_update_against_torch_optim_adam_with_clipping():
     opt = torch.optim.Adam(
         list(ref_pol.parameters()) + list(ref_crit.parameters()), lr=1e-2, eps=1e-5
     )
-    rng_ref = np.random.default_rng(7)
-    for _ in range(2):  # epochs, with the same minibatch order as ppo_update
-        for idx in minibatch_indices(16, 4, rng_ref):
-            mb = Minibatch(*(x[idx] for x in data))
-            loss, _ = ppo_loss(
-                ref_pol, ref_crit, params_of(ref_pol), params_of(ref_crit), mb, coefs
-            )
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                list(ref_pol.parameters()) + list(ref_crit.parameters()), 0.05
-            )
-            opt.step()
+    mbs = minibatch_indices(16, 2, 4, torch.Generator().manual_seed(7))  # 2 epochs x 4
+    for idx in mbs:  # the same minibatch order as ppo_update
+        mb = Minibatch(*(x[idx] for x in data))
+        loss, _ = ppo_loss(ref_pol, ref_crit, params_of(ref_pol), params_of(ref_crit), mb, coefs)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            list(ref_pol.parameters()) + list(ref_crit.parameters()), 0.05
+        )
+        opt.step()
 
     params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
     tx = make_optimizer(1e-2, 8, 1, anneal_lr=False, max_grad_norm=0.05, eps=1e-5)
     state = tx.init((params.flat,))
-    ppo_update(policy, critic, params, tx, state, data, coefs, 2, 4, np.random.default_rng(7))
+    ppo_update(policy, critic, params, tx, state, data, coefs, mbs)
     got = params.views()
     for k, v in params_of(ref_pol).items():
         torch.testing.assert_close(got["theta"][k], v.detach(), rtol=1e-5, atol=1e-6)

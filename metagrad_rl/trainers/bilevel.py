@@ -1,15 +1,19 @@
 """Bilevel trainers: CLN (Stadie, Zhang, Ba 2020) and LIRPG (Zheng et al. 2018) on MuJoCo.
 
-Per iteration, reading like the paper's algorithm (Section 3.3)::
+Per iteration, reading like the paper's algorithm (Section 3.3); :func:`train` is this loop
+over named steps, each taking and updating one :class:`BilevelState`::
 
-    ROLLOUT        tau_k ~ pi_{theta_k, eta_i}
-    VALIDATION     (Eq 24) finish the meta-gradient of the previous policy round on tau_k
-                   and step eta_i -> eta_{i+1} with the chosen estimator
-    POLICY ROUND   (Eq 23) PPO-clip on the intrinsic (mixed) advantages of tau_k with eta_{i+1}:
-                   theta_k -> theta_{k+1}; differentiable when the estimator needs it
-    CRITICS        V_mix (mixed returns) and V_ex (extrinsic returns) regress on tau_k
+    collect            tau_k ~ pi_{theta_k, eta_i}
+    validation_round   (Eq 24) finish the meta-gradient of the pending policy round on tau_k
+                       and step eta_i -> eta_{i+1} with the chosen estimator
+    policy_round       (Eq 23) PPO-clip on the intrinsic (mixed) advantages of tau_k with
+                       eta_{i+1}: theta_k -> theta_{k+1}; recorded as the next pending
+                       :class:`RoundRecord` (differentiable when the estimator needs it)
+    critic_round       V_mix (mixed returns) and V_ex (extrinsic returns) regress on tau_k
+    log, checkpoint    :class:`~metagrad_rl.trainers.run.Run`, shared with the PPO trainer
 
-Estimators (``--meta-grad``), all gradients of ``L_out = -J_ex`` (see ``docs/equations.md``):
+Estimators (``--meta-grad``, registered in :mod:`metagrad_rl.trainers.meta_grads`), all
+gradients of ``L_out = -J_ex`` (see ``docs/equations.md``):
 
 - ``eq17``: the CLN best-response gradient at ``theta_{k+1}``, no unroll (the paper's
   "1-term", its default);
@@ -26,6 +30,8 @@ Estimators (``--meta-grad``), all gradients of ``L_out = -J_ex`` (see ``docs/equ
   return of the episodes finished in ``tau_{k+1}``, ``b`` a moving average of earlier
   ``J_hat`` (independent of ``tau_k``), both put on the plain term's scale
   (:func:`score_weight`).
+
+Every estimator is one registry entry; adding one does not touch this file.
 - ``dice``: the same correction without a baseline, through DiCE's magic box (its first
   derivative; ``metagrad_rl.estimators.magic_box``).
 """
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,17 +50,11 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl import config as C
-from metagrad_rl.advantages import gae
-from metagrad_rl.checkpoint import load_checkpoint, save_checkpoint
+from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.logging import (
-    CHECKPOINT_FILE,
-    RunLogger,
-    prepare_run_dir,
-    write_run_config,
-)
 from metagrad_rl.metagrad import (
     PendingMetaGradient,
+    detach_state,
     eq17_gradient,
     flatten,
     start_meta_gradient,
@@ -64,31 +64,40 @@ from metagrad_rl.networks import (
     GaussianPolicy,
     IntrinsicReward,
     cln_condition,
+    gaussian_entropy,
     intrinsic_reward,
     params_of,
+    policy_log_prob,
 )
-from metagrad_rl.optim import clip_counts, clip_grad_norm
-from metagrad_rl.ppo import value_loss
+from metagrad_rl.optim import clip_counts
+from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.problems import ppo_meta_problem
-from metagrad_rl.rollout import Batch, collect_rollout, critic_values
+from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout, critic_values
+from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.common import (
     FlatParams,
     collector_for,
     episode_row,
-    finish_run,
-    linear_schedule,
+    explained_variance,
+    lr_at,
     make_optimizer,
+    optimizer_for,
     optimizer_state_from_list,
     optimizer_state_to_list,
     policy_snapshot,
 )
-from metagrad_rl.trainers.ppo import PPOConfig, check_resume_config
-from metagrad_rl.unroll import EtaPaths, InnerSurrogate, Round, unroll
+from metagrad_rl.trainers.ppo import PPOConfig
+from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
+from metagrad_rl.unroll import (
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Round,
+    minibatch_indices,
+    unroll,
+)
 
-META_GRADS = ("eq17", "lirpg", "three-term", "exact", "sampling-aware", "dice")
-#: Estimators that differentiate the whole real policy round.
-FULL_ROUND = ("exact", "sampling-aware", "dice")
-LOOKAHEAD = ("lirpg", "three-term")
+Params = dict[str, Tensor]
 
 
 @dataclass
@@ -96,7 +105,8 @@ class BilevelConfig(PPOConfig):
     """PPO's hyperparameters plus the intrinsic reward and its meta-gradient."""
 
     meta_grad: str = "eq17"
-    """Estimator of d J_ex / d eta: eq17, lirpg, three-term, exact, sampling-aware or dice."""
+    """Estimator of d J_ex / d eta, from the registry metagrad_rl.trainers.meta_grads:
+    eq17, lirpg, three-term, exact, sampling-aware or dice (docs/estimators.md)."""
     baseline_decay: float = 0.9
     """Decay of the moving-average baseline of sampling-aware (0: the last J_hat)."""
     eta_lr: float = 1e-4
@@ -117,7 +127,7 @@ class BilevelConfig(PPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        C.one_of("meta_grad", self.meta_grad, META_GRADS)
+        meta_grads.get(self.meta_grad)  # a registered estimator, or a one-line error
         C.positive_float("eta_lr", self.eta_lr)
         C.nonnegative_float("r_ex_coef", self.r_ex_coef)
         C.nonnegative_float("r_in_coef", self.r_in_coef)
@@ -130,14 +140,21 @@ class BilevelConfig(PPOConfig):
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay={self.baseline_decay} is invalid: expected [0, 1)")
 
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
+    @classmethod
+    def field_choices(cls) -> dict[str, tuple[str, ...]]:
+        """The accepted values of the fields that take a name (the CLI's ``choices``)."""
+        names = tuple(m.name for m in meta_grads.META_GRADS.values() if cls.accepts(m))
+        return {
+            **super().field_choices(),
+            "meta_grad": names,
+            "surrogate": tuple(x.value for x in InnerSurrogate),
+            "denominator": ("theta_k", "theta_k+1"),
+        }
 
-    @property
-    def steps_per_round(self) -> int:
-        """Inner steps of one policy round (epochs x minibatches)."""
-        return self.update_epochs * math.ceil(self.batch_size / self.minibatch_size)
+    @classmethod
+    def accepts(cls, mg: meta_grads.MetaGrad) -> bool:
+        """Whether this algorithm's policy can use estimator ``mg``."""
+        return "cln" in cls.CONDITIONINGS or not mg.needs_cln
 
 
 @dataclass
@@ -162,306 +179,190 @@ class LIRPGConfig(BilevelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.meta_grad in ("eq17", "three-term"):
+        if not self.accepts(meta_grads.get(self.meta_grad)):
             raise ConfigError(
-                f"meta_grad={self.meta_grad!r} needs a CLN policy: lirpg accepts lirpg, exact, "
-                "sampling-aware or dice"
+                f"meta_grad={self.meta_grad!r} needs a CLN policy: lirpg accepts "
+                f"{', '.join(self.field_choices()['meta_grad'])}"
             )
+
+
+# ============================== STATE =============================================================
+@dataclass
+class Parts:
+    """The fixed pieces of a bilevel run: networks (templates), optimizers, problem, envs."""
+
+    policy: GaussianPolicy
+    reward_net: IntrinsicReward
+    v_mix: Critic
+    v_ex: Critic
+    problem: MetaProblem
+    theta_tx: Any
+    critic_tx: Any
+    eta_tx: Any
+    collector: Collector
+    update_gen: torch.Generator
+    meta_grad: meta_grads.MetaGrad
+
+
+@dataclass
+class RoundRecord:
+    """A policy round in flight: what its validation round needs to differentiate it.
+
+    ``theta`` is ``theta_k``, ``opt_state`` the optimizer state there (checkpoint form),
+    ``batch`` the round batch ``tau_k`` (:func:`round_batch`), ``minibatches`` the index
+    schedule the round used, ``eta`` the ``eta_{i+1}`` it was run with, ``j_hat`` the mean raw
+    return of the episodes finished in ``tau_k`` (the sampling-aware baseline's next input),
+    ``schedule`` the learning-rate schedule the round ran under, ``(restart, num_iterations)``.
+    ``graph`` is the engine's unroll with its graph kept (not checkpointed: a resumed run
+    re-runs it).
+    """
+
+    theta: Params
+    opt_state: list[Tensor]
+    batch: dict[str, Tensor]
+    minibatches: list[Tensor]
+    eta: Params
+    j_hat: float | None
+    schedule: tuple[int, int] | None = None
+    graph: PendingMetaGradient | None = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _RECORD_KEYS}
+
+    @classmethod
+    def from_checkpoint(cls, d: dict[str, Any] | None) -> RoundRecord | None:
+        if d is None:
+            return None
+        kw: dict[str, Any] = {k: d.get(k) for k in _RECORD_KEYS}
+        return cls(**kw)
+
+
+_RECORD_KEYS = ("theta", "opt_state", "batch", "minibatches", "eta", "j_hat", "schedule")
+
+
+@dataclass
+class BilevelState:
+    """Everything that changes during a bilevel run (and is checkpointed)."""
+
+    theta: Params
+    eta: Params
+    critics: FlatParams
+    theta_state: Any
+    critic_state: Any
+    eta_state: Any
+    lr_restart: int = 0
+    global_step: int = 0
+    iteration: int = 0
+    pending: RoundRecord | None = None
+    baseline: float | None = None
+    recent: list[float] = field(default_factory=list)
+
+    def to_checkpoint(self, parts: Parts, cfg: BilevelConfig) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "lr_restart": self.lr_restart,
+            "theta": self.theta,
+            "eta": self.eta,
+            "critics": self.critics.state_dict(),
+            "theta_state": optimizer_state_to_list(self.theta_state),
+            "critic_state": optimizer_state_to_list(self.critic_state),
+            "eta_state": optimizer_state_to_list(self.eta_state),
+            "collector": parts.collector.state_dict(),
+            "update_gen": parts.update_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "recent_returns": list(self.recent),
+            "pending": None if self.pending is None else self.pending.to_checkpoint(),
+            "baseline": self.baseline,
+            "policy": policy_snapshot(
+                cfg.env,
+                parts.policy,
+                self.theta,
+                parts.collector.obs_norm,
+                cfg.hidden,
+                _condition(cfg, self.eta),
+            ),
+        }
+
+    def load(self, ckpt: dict[str, Any], parts: Parts) -> None:
+        self.theta, self.eta = ckpt["theta"], ckpt["eta"]
+        self.critics.load_state_dict(ckpt["critics"])
+        self.theta_state = optimizer_state_from_list(self.theta_state, ckpt["theta_state"])
+        self.critic_state = optimizer_state_from_list(self.critic_state, ckpt["critic_state"])
+        self.eta_state = optimizer_state_from_list(self.eta_state, ckpt["eta_state"])
+        parts.collector.load_state_dict(ckpt["collector"])
+        parts.update_gen.set_state(ckpt["update_gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
+        self.pending = RoundRecord.from_checkpoint(ckpt["pending"])
+        self.baseline = ckpt.get("baseline")
+        self.recent = list(ckpt["recent_returns"])
+
+
+@dataclass
+class Collected:
+    """One rollout ``tau_k`` with its extrinsic values and advantages (for Eq 24 and V_ex)."""
+
+    rollout: Rollout
+    ex_v: Tensor
+    adv_ex: Tensor
+
+    @property
+    def batch(self) -> Batch:
+        return self.rollout.batch
 
 
 @dataclass
 class MetaStep:
     """What one validation round used and applied (for logs, tests and benchmarks).
 
-    ``inputs`` is the policy round being differentiated (``theta`` = theta_k, ``opt_state``,
-    round ``batch``, ``minibatches``, ``eta``); ``outer`` the validation batch ``tau_{k+1}``;
-    ``theta_next`` the policy after the round.
+    ``round`` is the policy round being differentiated, ``outer`` the validation batch
+    ``tau_{k+1}``, ``theta_next`` the policy after the round, ``terms`` the named parts of
+    ``grad`` (the estimator's :attr:`~metagrad_rl.trainers.meta_grads.MetaGrad.apply`).
     """
 
-    grad: dict[str, Tensor]
-    terms: dict[str, dict[str, Tensor]]
+    grad: Params
+    terms: dict[str, Params]
     diagnostics: dict[str, float]
-    inputs: dict[str, Any] | None = None
-    outer: dict[str, Tensor] | None = None
-    theta_next: dict[str, Tensor] | None = None
+    round: RoundRecord
+    outer: dict[str, Tensor]
+    theta_next: Params
 
 
-def round_batch(batch: Batch, v_mix: Tensor, v_mix_next: Tensor) -> dict[str, Tensor]:
-    """A rollout as the engine's round batch (:data:`metagrad_rl.problems.ROUND_KEYS`)."""
-    return {
-        "obs": batch.obs,
-        "act": batch.act,
-        "r_ex": batch.r_ex,
-        "v_mix": v_mix,
-        "v_mix_next": v_mix_next,
-        "terminated": batch.terminated.to(batch.r_ex.dtype),
-        "episode_end": batch.episode_end.to(batch.r_ex.dtype),
-    }
-
-
-def intrinsic_episode_returns(r_in: Tensor, episode_end: Tensor) -> list[float]:
-    """Sums of ``r_in`` over the episodes that end inside the batch (env copy by copy)."""
-    out = []
-    r = r_in.reshape(r_in.shape[0], -1)
-    ends = episode_end.reshape(r.shape)
-    for n in range(r.shape[1]):
-        acc = 0.0
-        for t in range(r.shape[0]):
-            acc += float(r[t, n])
-            if bool(ends[t, n]):
-                out.append(acc)
-                acc = 0.0
-    return out
-
-
-def train(
-    config: BilevelConfig,
-    out: str | Path,
-    resume: bool = False,
-    progress: Callable[[int, dict[str, Any]], None] | None = None,
-    stop_at_step: int | None = None,
-    on_meta_step: Callable[[MetaStep], None] | None = None,
-) -> dict[str, Any]:
-    """Trains CLN or LIRPG (by the config's class); same contract as the PPO trainer.
-
-    ``on_meta_step`` receives every applied meta-gradient with its terms (tests, benchmarks).
-    """
-    cfg = config
-    algo = "cln" if isinstance(cfg, CLNConfig) else "lirpg"
-    # ============================== SETUP =========================================================
-    ckpt = load_checkpoint(Path(out) / CHECKPOINT_FILE) if resume else None
-    if ckpt is not None:
-        check_resume_config(ckpt["config"], cfg)
-    torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
+# ============================== SETUP =============================================================
+def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]:
+    """Networks, optimizers, problem and envs of ``cfg``, and the state at step 0."""
     collector = collector_for(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
-    policy = GaussianPolicy(
-        obs_dim,
-        act_dim,
-        cfg.hidden,
-        conditioning=cfg.conditioning,
-        cond_dim=reward_net.condition_dim,
-    )
+    cond_dim = reward_net.condition_dim
+    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, cfg.conditioning, cond_dim)
     v_mix, v_ex = Critic(obs_dim, cfg.hidden), Critic(obs_dim, cfg.hidden)
-    theta = {k: v.detach().clone() for k, v in params_of(policy).items()}
-    eta = {k: v.detach().clone() for k, v in params_of(reward_net).items()}
-    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
-    mb_size = cfg.minibatch_size
-    theta_tx = policy_optimizer(cfg)
-    critic_tx = make_optimizer(
-        cfg.lr,
-        cfg.steps_per_round,
-        cfg.num_iterations,
-        cfg.anneal_lr,
-        cfg.max_grad_norm,
-        cfg.adam_eps,
+    parts = Parts(
+        policy=policy,
+        reward_net=reward_net,
+        v_mix=v_mix,
+        v_ex=v_ex,
+        problem=build_problem(cfg, policy, reward_net),
+        theta_tx=policy_optimizer(cfg, lr_restart),
+        critic_tx=optimizer_for(cfg, restart=lr_restart),
+        eta_tx=torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps),
+        collector=collector,
+        update_gen=torch.Generator().manual_seed(cfg.seed + 2_000_003),
+        meta_grad=meta_grads.get(cfg.meta_grad),
     )
-    eta_tx = torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps)
-    theta_state = theta_tx.init(theta)
-    critic_state = critic_tx.init((critics.flat,))
-    eta_state = eta_tx.init(eta)
-    problem = build_problem(cfg, policy, reward_net)
-    update_gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
-    run_dir = prepare_run_dir(out, resume)
-    global_step, iteration = 0, 0
-    pending_inputs: dict[str, Any] | None = None  # the previous policy round, to finish
-    baseline: float | None = None  # moving average of J_hat, for sampling-aware
-    if ckpt is not None:
-        theta = ckpt["theta"]
-        eta = ckpt["eta"]
-        critics.load_state_dict(ckpt["critics"])
-        theta_state = optimizer_state_from_list(theta_state, ckpt["theta_state"])
-        critic_state = optimizer_state_from_list(critic_state, ckpt["critic_state"])
-        eta_state = optimizer_state_from_list(eta_state, ckpt["eta_state"])
-        collector.load_state_dict(ckpt["collector"])
-        update_gen.set_state(ckpt["update_gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        global_step, iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
-        pending_inputs = ckpt["pending"]
-        baseline = ckpt.get("baseline")
-    write_run_config(run_dir, algo, C.to_dict(cfg))
-    logger = RunLogger(run_dir, resume_step=global_step if resume else None)
-    recent: list[float] = list(ckpt["recent_returns"]) if ckpt is not None else []
-    pending: PendingMetaGradient | None = None
-    if pending_inputs is not None and cfg.meta_grad != "eq17":
-        # a resumed run re-runs the unroll it had in flight
-        pending = _start(problem, theta_tx, pending_inputs, cfg)
-
-    def cond_of(e: dict[str, Tensor]) -> Tensor | None:
-        return cln_condition(e).detach() if cfg.conditioning == "cln" else None
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            run_dir / CHECKPOINT_FILE,
-            {
-                "algo": algo,
-                "config": C.to_dict(cfg),
-                "global_step": global_step,
-                "iteration": iteration,
-                "theta": theta,
-                "eta": eta,
-                "critics": critics.state_dict(),
-                "theta_state": optimizer_state_to_list(theta_state),
-                "critic_state": optimizer_state_to_list(critic_state),
-                "eta_state": optimizer_state_to_list(eta_state),
-                "collector": collector.state_dict(),
-                "update_gen": update_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "recent_returns": list(recent),
-                "pending": pending_inputs,
-                "baseline": baseline,
-                "policy": policy_snapshot(
-                    cfg.env, policy, theta, collector.obs_norm, cfg.hidden, cond_of(eta)
-                ),
-            },
-        )
-
-    while iteration < cfg.num_iterations:
-        if stop_at_step is not None and global_step >= stop_at_step:
-            break
-        # ============================== ROLLOUT: tau_k ~ pi_{theta_k, eta_i} ======================
-        views = critics.views()
-        rollout = collect_rollout(
-            collector, policy, theta, v_mix, views["v_mix"], cfg.num_steps, cond_of(eta)
-        )
-        batch = rollout.batch
-        global_step += cfg.batch_size
-        with torch.no_grad():
-            ex_v = critic_values(v_ex, views["v_ex"], batch.obs)
-            ex_v_next = critic_values(v_ex, views["v_ex"], batch.next_obs)
-            adv_ex = gae(
-                batch.r_ex,
-                ex_v,
-                ex_v_next,
-                batch.terminated,
-                batch.episode_end,
-                cfg.gamma,
-                cfg.gae_lambda,
-            )
-        # ============================== VALIDATION ROUND (Eq 24): eta_i -> eta_{i+1} ==============
-        meta_row: dict[str, Any] = {}
-        if pending_inputs is not None:
-            outer = {
-                "obs": batch.obs.reshape(-1, obs_dim),
-                "act": batch.act.reshape(-1, act_dim),
-                "adv_ex": adv_ex.reshape(-1),
-            }
-            score_w = None
-            if cfg.meta_grad in ("sampling-aware", "dice"):
-                b = 0.0 if cfg.meta_grad == "dice" or baseline is None else baseline
-                score_w = score_weight(rollout.episodes, b, _reward_scale(collector), adv_ex)
-            step = _meta_gradient(cfg, problem, pending, pending_inputs, theta, eta, outer, score_w)
-            step.inputs, step.outer, step.theta_next = pending_inputs, outer, theta
-            updates, eta_state = eta_tx.update(step.grad, eta_state, params=eta, inplace=False)
-            eta = {
-                k: v.detach()
-                for k, v in torchopt.apply_updates(eta, updates, inplace=False).items()
-            }
-            meta_row = {k: v for k, v in step.diagnostics.items() if k.startswith("norm_")}
-            meta_row["norm_applied"] = float(flatten(step.grad).norm())
-            if on_meta_step is not None:
-                on_meta_step(step)
-        pending = None
-        # the baseline takes in J_hat of tau_k only now that tau_k's meta-step is done
-        j_round = None if pending_inputs is None else pending_inputs.get("j_hat")
-        if j_round is not None:
-            d = cfg.baseline_decay
-            baseline = j_round if baseline is None else d * baseline + (1 - d) * j_round
-        # ============================== POLICY ROUND (Eq 23): theta_k -> theta_{k+1} ==============
-        clip_before = clip_counts(theta_state)
-        with torch.no_grad():
-            r_in = intrinsic_reward(reward_net, eta, batch.obs, batch.act)
-        rb = round_batch(batch, batch.values, batch.next_values)
-        mbs = [
-            idx
-            for _ in range(cfg.update_epochs)
-            for idx in torch.randperm(cfg.batch_size, generator=update_gen).split(mb_size)
-        ]
-        pending_inputs = {
-            "j_hat": float(np.mean(rollout.episodes.returns)) if rollout.episodes.returns else None,
-            "theta": theta,
-            "opt_state": optimizer_state_to_list(theta_state),
-            "batch": rb,
-            "minibatches": mbs,
-            "eta": eta,
-        }
-        if cfg.meta_grad in FULL_ROUND:
-            pending = _start(problem, theta_tx, pending_inputs, cfg)
-            theta, theta_state = pending.theta_next, pending.opt_state
-        else:
-            if cfg.meta_grad in LOOKAHEAD:
-                pending = _start(problem, theta_tx, pending_inputs, cfg)
-            res = unroll(
-                problem,
-                theta_tx,
-                theta,
-                EtaPaths.shared(eta),
-                [Round(rb, mbs)],
-                theta_state,
-                InnerSurrogate(cfg.surrogate),
-                create_graph=False,
-            )
-            theta = {k: v.detach() for k, v in res.theta.items()}
-            theta_state = _detach_tree(res.opt_state)
-        clip_after = clip_counts(theta_state)
-        clip_share = (clip_after[0] - clip_before[0]) / max(1, clip_after[1] - clip_before[1])
-        # ============================== CRITICS: V_mix, V_ex on tau_k ============================
-        with torch.no_grad():
-            r_mix = cfg.r_ex_coef * batch.r_ex + cfg.r_in_coef * r_in
-            ret_mix = (
-                gae(
-                    r_mix,
-                    batch.values,
-                    batch.next_values,
-                    batch.terminated,
-                    batch.episode_end,
-                    cfg.gamma,
-                    cfg.gae_lambda,
-                )
-                + batch.values
-            )
-            ret_ex = adv_ex + ex_v
-        critic_state, v_stats = _critic_round(
-            cfg, v_mix, v_ex, critics, critic_tx, critic_state, batch, ret_mix, ret_ex, mbs
-        )
-        iteration += 1
-        # ============================== LOG / CHECKPOINT ==========================================
-        recent = (recent + rollout.episodes.returns)[-20:]
-        eps = rollout.episodes
-        in_returns = intrinsic_episode_returns(r_in, batch.episode_end)
-        row = logger.log(
-            global_step,
-            cfg.batch_size,
-            {
-                **episode_row(iteration, eps),
-                "intrinsic_return": float(np.mean(in_returns)) if in_returns else "",
-                "intrinsic_reward_mean": float(r_in.mean()),
-                **{k: meta_row.get(k, "") for k in _META_LOG_KEYS},
-                "grad_clip_share": clip_share,
-                **v_stats,
-            },
-        )
-        if cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
-            checkpoint()
-        if progress is not None:
-            progress(global_step, row)
-    checkpoint()
-    fields = {"algo": algo, "env": cfg.env, "seed": cfg.seed, "meta_grad": cfg.meta_grad}
-    finished = iteration >= cfg.num_iterations
-    return finish_run(run_dir, collector, logger, fields, global_step, finished, recent)
-
-
-_META_LOG_KEYS = (
-    "norm_eq11",
-    "norm_eq12",
-    "norm_eq13",
-    "norm_eq14",
-    "norm_eq17",
-    "norm_total",
-    "norm_applied",
-)
+    theta, eta = detach_state(params_of(policy)), detach_state(params_of(reward_net))
+    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
+    state = BilevelState(
+        theta=theta,
+        eta=eta,
+        critics=critics,
+        theta_state=parts.theta_tx.init(theta),
+        critic_state=parts.critic_tx.init((critics.flat,)),
+        eta_state=parts.eta_tx.init(eta),
+        lr_restart=lr_restart,
+    )
+    return parts, state
 
 
 def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: IntrinsicReward) -> Any:
@@ -479,80 +380,148 @@ def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: Intrin
     )
 
 
-def policy_optimizer(cfg: BilevelConfig) -> Any:
+def policy_optimizer(cfg: BilevelConfig, lr_restart: int = 0) -> Any:
     """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable."""
-    schedule = linear_schedule(cfg.lr, cfg.steps_per_round, cfg.num_iterations, cfg.anneal_lr)
-    adam = torchopt.adam(schedule, eps=cfg.adam_eps, eps_root=cfg.adam_eps_root)
-    return torchopt.chain(clip_grad_norm(cfg.max_grad_norm), adam)
+    return optimizer_for(cfg, eps_root=cfg.adam_eps_root, restart=lr_restart)
 
 
-def _detach_tree(state: Any) -> Any:
-    return torchopt.pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, state)
+def _condition(cfg: BilevelConfig, eta: Params) -> Tensor | None:
+    return cln_condition(eta).detach() if cfg.conditioning == "cln" else None
 
 
-def _start(
-    problem: Any, tx: Any, inputs: dict[str, Any], cfg: BilevelConfig
-) -> PendingMetaGradient:
-    """Unroll the stored policy round (all of it, or the look-ahead) with its graph kept."""
-    state = optimizer_state_from_list(tx.init(inputs["theta"]), inputs["opt_state"])
-    if cfg.meta_grad in FULL_ROUND:
-        rnd = Round(inputs["batch"], inputs["minibatches"])
+# ============================== ROLLOUT: tau_k ~ pi_{theta_k, eta_i} ==============================
+def collect(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> Collected:
+    """Samples ``tau_k`` with the current policy; extrinsic advantages by ``V_ex``."""
+    views = state.critics.views()
+    rollout = collect_rollout(
+        parts.collector,
+        parts.policy,
+        state.theta,
+        parts.v_mix,
+        views["v_mix"],
+        cfg.num_steps,
+        _condition(cfg, state.eta),
+    )
+    state.global_step += cfg.batch_size
+    b = rollout.batch
+    with torch.no_grad():
+        ex_v = critic_values(parts.v_ex, views["v_ex"], b.obs)
+        ex_v_next = critic_values(parts.v_ex, views["v_ex"], b.next_obs)
+        adv_ex = gae(
+            b.r_ex, ex_v, ex_v_next, b.terminated, b.episode_end, cfg.gamma, cfg.gae_lambda
+        )
+    return Collected(rollout, ex_v, adv_ex)
+
+
+def round_batch(batch: Batch, v_mix: Tensor, v_mix_next: Tensor) -> dict[str, Tensor]:
+    """A rollout as the engine's round batch (:data:`metagrad_rl.problems.ROUND_KEYS`)."""
+    return {
+        "obs": batch.obs,
+        "act": batch.act,
+        "r_ex": batch.r_ex,
+        "v_mix": v_mix,
+        "v_mix_next": v_mix_next,
+        "terminated": batch.terminated.to(batch.r_ex.dtype),
+        "episode_end": batch.episode_end.to(batch.r_ex.dtype),
+    }
+
+
+def outer_batch(data: Collected) -> dict[str, Tensor]:
+    """The validation batch of Eq 24: ``tau_{k+1}``'s states, actions and extrinsic advantages."""
+    b = data.batch
+    return {
+        "obs": b.obs.reshape(-1, b.obs.shape[-1]),
+        "act": b.act.reshape(-1, b.act.shape[-1]),
+        "adv_ex": data.adv_ex.reshape(-1),
+    }
+
+
+# ============================== VALIDATION ROUND (Eq 24): eta_i -> eta_{i+1} =====================
+def validation_round(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected
+) -> MetaStep | None:
+    """Finishes the pending round's meta-gradient on ``tau_{k+1}`` and steps ``eta``."""
+    rec = state.pending
+    if rec is None:
+        return None
+    step = meta_step(cfg, parts, state, rec, data)
+    updates, state.eta_state = parts.eta_tx.update(
+        step.grad, state.eta_state, params=state.eta, inplace=False
+    )
+    state.eta = detach_state(torchopt.apply_updates(state.eta, updates, inplace=False))
+    state.pending = None  # frees the unroll's graph
+    if rec.j_hat is not None:  # the baseline takes in J_hat of tau_k only after its meta-step
+        d, b = cfg.baseline_decay, state.baseline
+        state.baseline = rec.j_hat if b is None else d * b + (1 - d) * rec.j_hat
+    return step
+
+
+def meta_step(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, rec: RoundRecord, data: Collected
+) -> MetaStep:
+    """The chosen estimator's gradient of ``L_out`` w.r.t. ``eta`` (nothing is applied here)."""
+    mg, outer = parts.meta_grad, outer_batch(data)
+    theta_den = rec.theta if cfg.denominator == "theta_k" else state.theta
+    weight = None
+    result = None
+    if mg.score is not None:
+        b = 0.0 if mg.score == "magic_box" or state.baseline is None else state.baseline
+        weight = score_weight(data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex)
+    if mg.unroll != "none":
+        graph = rec.graph or start_unroll(cfg, parts, rec)  # a resumed run re-runs the unroll
+        result = graph.finish(
+            outer,
+            denominator=cfg.denominator,
+            score_weight=weight,
+            magic_box=mg.score == "magic_box",
+        )
+
+    def eq17() -> Params:
+        return eq17_gradient(parts.problem, state.theta, rec.eta, outer, theta_den, rec.eta)
+
+    grad, named = mg.apply(meta_grads.MetaGradContext(result, eq17))
+    diag = dict(result.diagnostics) if result is not None else {}
+    diag.update({f"norm_{k}": float(flatten(g).norm()) for k, g in named.items()})
+    diag["norm_applied"] = float(flatten(grad).norm())
+    if mg.score is not None:
+        diag["score_weight"] = 0.0 if weight is None else weight
+    return MetaStep(grad, named, diag, rec, outer, state.theta)
+
+
+def start_unroll(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> PendingMetaGradient:
+    """The estimator's differentiable unroll of ``rec`` (the real round or the look-ahead)."""
+    mg, tx = parts.meta_grad, parts.theta_tx
+    if rec.schedule is not None:  # the schedule it ran under (--total-steps may have changed)
+        restart, n = rec.schedule
+        tx = make_optimizer(
+            cfg.lr,
+            cfg.steps_per_round,
+            n,
+            cfg.anneal_lr,
+            cfg.max_grad_norm,
+            cfg.adam_eps,
+            cfg.adam_eps_root,
+            restart,
+        )
+    state = optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)
+    if mg.unroll == "round":
+        rnd = Round(rec.batch, rec.minibatches)
     else:
-        full = torch.arange(inputs["batch"]["r_ex"].numel())
-        rnd = Round(inputs["batch"], [full] * cfg.lookahead_steps)
+        full = torch.arange(rec.batch["r_ex"].numel())
+        rnd = Round(rec.batch, [full] * cfg.lookahead_steps)
     return start_meta_gradient(
-        problem,
+        parts.problem,
         tx,
-        inputs["theta"],
-        inputs["eta"],
+        rec.theta,
+        rec.eta,
         [rnd],
         opt_state=state,
         surrogate=cfg.surrogate,
-        terms=cfg.meta_grad not in FULL_ROUND,
+        terms=mg.terms,
     )
 
 
-def _meta_gradient(
-    cfg: BilevelConfig,
-    problem: Any,
-    pending: PendingMetaGradient | None,
-    inputs: dict[str, Any],
-    theta_next: dict[str, Tensor],
-    eta: dict[str, Tensor],
-    outer: dict[str, Tensor],
-    score_w: float | None = None,
-) -> MetaStep:
-    """The validation round's gradient of ``L_out`` w.r.t. ``eta`` by the chosen estimator."""
-    theta_den = inputs["theta"] if cfg.denominator == "theta_k" else theta_next
-    if cfg.meta_grad == "eq17":
-        g = eq17_gradient(problem, theta_next, eta, outer, theta_den, eta)
-        diag = {"norm_eq17": float(flatten(g).norm())}
-        return MetaStep(g, {"eq17": g}, diag)
-    assert pending is not None
-    res = pending.finish(
-        outer, denominator=cfg.denominator, score_weight=score_w, magic_box=cfg.meta_grad == "dice"
-    )
-    if cfg.meta_grad == "exact":
-        return MetaStep(res.total, {"total": res.total}, res.diagnostics)
-    if cfg.meta_grad in ("sampling-aware", "dice"):
-        score = (
-            res.score
-            if res.score is not None
-            else {k: torch.zeros_like(v) for k, v in res.total.items()}
-        )
-        g = {k: res.total[k] + score[k] for k in res.total}
-        diag = dict(res.diagnostics, score_weight=0.0 if score_w is None else score_w)
-        return MetaStep(g, {"total": res.total, "score": score}, diag)
-    assert res.eq12 is not None and res.eq13 is not None
-    if cfg.meta_grad == "lirpg":
-        return MetaStep(res.eq13, {"eq13": res.eq13}, res.diagnostics)
-    g17 = eq17_gradient(problem, theta_next, eta, outer, theta_den, eta)
-    g = {k: g17[k] + res.eq12[k] + res.eq13[k] for k in g17}
-    diag = dict(res.diagnostics, norm_eq17=float(flatten(g17).norm()))
-    return MetaStep(g, {"eq17": g17, "eq12": res.eq12, "eq13": res.eq13}, diag)
-
-
-def _reward_scale(collector: Any) -> float:
+def reward_scale(collector: Collector) -> float:
     """The factor the reward scaler multiplies raw rewards by (1 when disabled)."""
     rs = collector.rew_scaler
     return 1.0 / math.sqrt(float(rs.rms.var) + rs.eps) if rs.enabled else 1.0
@@ -567,7 +536,7 @@ def score_weight(
     ``grad J / (sigma_A H)`` per episode (``sigma_A``: std of the extrinsic advantages, ``H``:
     mean episode length); the score term is put on that scale:
 
-    .. math:: w = -rac{s\,(\hat J - b)}{\sigma_A H}
+    .. math:: w = -\frac{s\,(\hat J - b)}{\sigma_A H}
 
     with ``s`` the reward scaler's factor (advantages are of scaled rewards) and the minus
     sign because gradients are of ``L_out = -J``. ``None`` when no episode ended in the batch.
@@ -580,36 +549,202 @@ def score_weight(
     return -reward_scale * (j_hat - baseline) / (sigma * horizon)
 
 
-def _critic_round(
-    cfg: BilevelConfig,
-    v_mix: Critic,
-    v_ex: Critic,
-    critics: FlatParams,
-    tx: Any,
-    state: Any,
-    batch: Batch,
-    ret_mix: Tensor,
-    ret_ex: Tensor,
-    mbs: list[Tensor],
-) -> tuple[Any, dict[str, float]]:
-    """Value regression of both critics on the round's minibatches (clipped value loss)."""
-    obs = batch.obs.reshape(-1, batch.obs.shape[-1])
-    old_mix, old_ex = batch.values.reshape(-1), None
+# ============================== POLICY ROUND (Eq 23): theta_k -> theta_{k+1} =====================
+def policy_round(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected
+) -> dict[str, float]:
+    """PPO-clip on the mixed advantages of ``tau_k`` with ``eta_{i+1}``; records the round.
+
+    Differentiable (graph kept in the record) when the estimator unrolls the real round; a
+    look-ahead estimator unrolls its look-ahead beside the plain round.
+    """
+    mg, b, eps = parts.meta_grad, data.batch, data.rollout.episodes
+    clip_before = clip_counts(state.theta_state)
+    rec = RoundRecord(
+        theta=state.theta,
+        opt_state=optimizer_state_to_list(state.theta_state),
+        batch=round_batch(b, b.values, b.next_values),
+        minibatches=round_schedule(cfg, parts.update_gen),
+        eta=state.eta,
+        j_hat=float(np.mean(eps.returns)) if eps.returns else None,
+        schedule=(state.lr_restart, cfg.num_iterations),
+    )
+    if mg.unroll != "none":
+        rec.graph = start_unroll(cfg, parts, rec)
+    if mg.unroll == "round":
+        assert rec.graph is not None
+        state.theta, state.theta_state = rec.graph.theta_next, rec.graph.opt_state
+    else:
+        res = unroll(
+            parts.problem,
+            parts.theta_tx,
+            state.theta,
+            EtaPaths.shared(state.eta),
+            [Round(rec.batch, rec.minibatches)],
+            state.theta_state,
+            InnerSurrogate(cfg.surrogate),
+            create_graph=False,
+        )
+        state.theta, state.theta_state = detach_state(res.theta), detach_state(res.opt_state)
+    state.pending = rec
+    clip_after = clip_counts(state.theta_state)
+    share = (clip_after[0] - clip_before[0]) / max(1, clip_after[1] - clip_before[1])
+    return {"grad_clip_share": share}
+
+
+def round_schedule(cfg: Any, gen: torch.Generator) -> list[Tensor]:
+    """The round's minibatch order (:func:`metagrad_rl.unroll.minibatch_indices`)."""
+    return minibatch_indices(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)
+
+
+def policy_stats(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, b: Batch, adv_mix: Tensor
+) -> dict[str, float]:
+    """PPO's columns for the round just done, on the whole batch at ``theta_{k+1}``.
+
+    ``pg_loss`` is the clipped surrogate of the mixed advantages, ``approx_kl`` and
+    ``clip_frac`` compare ``pi_{theta_{k+1}, eta_{i+1}}`` with the behaviour policy, ``lr`` is
+    the step size of the round's last update.
+    """
+    obs, act = b.obs.reshape(-1, b.obs.shape[-1]), b.act.reshape(-1, b.act.shape[-1])
     with torch.no_grad():
-        old_ex = critic_values(v_ex, critics.views()["v_ex"], obs)
-    ret_mix, ret_ex = ret_mix.reshape(-1), ret_ex.reshape(-1)
+        logp = policy_log_prob(parts.policy, state.theta, obs, act, state.eta)
+        adv = adv_mix.reshape(-1)
+        adv = normalize(adv) if cfg.norm_adv else adv
+        old = b.logp.reshape(-1)
+        pg = clipped_surrogate_loss(logp, old, adv, cfg.clip_coef)
+        stats = surrogate_stats(logp, old, cfg.clip_coef)
+        ent = gaussian_entropy(state.theta["log_std"])
+    return {
+        "pg_loss": float(pg),
+        "entropy": float(ent),
+        "approx_kl": float(stats.approx_kl),
+        "clip_frac": float(stats.clip_fraction),
+        "lr": lr_at(cfg, state.iteration, state.lr_restart),
+    }
+
+
+# ============================== CRITICS: V_mix, V_ex on tau_k ====================================
+def critic_round(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
+) -> dict[str, float]:
+    """Value regression of both critics on the round's minibatches (clipped value loss)."""
+    b = data.batch
+    obs = b.obs.reshape(-1, b.obs.shape[-1])
+    ret_mix = (adv_mix + b.values).reshape(-1)
+    ret_ex = (data.adv_ex + data.ex_v).reshape(-1)
+    old_mix, old_ex = b.values.reshape(-1), data.ex_v.reshape(-1)
     clip = cfg.clip_coef if cfg.clip_vloss else None
+    mbs = state.pending.minibatches if state.pending is not None else []
     total = 0.0
     for idx in mbs:
-        leaves = critics.leaves()
+        leaves = state.critics.leaves()
         lm = value_loss(
-            critic_values(v_mix, leaves["v_mix"], obs[idx]), ret_mix[idx], old_mix[idx], clip
+            critic_values(parts.v_mix, leaves["v_mix"], obs[idx]), ret_mix[idx], old_mix[idx], clip
         )
         le = value_loss(
-            critic_values(v_ex, leaves["v_ex"], obs[idx]), ret_ex[idx], old_ex[idx], clip
+            critic_values(parts.v_ex, leaves["v_ex"], obs[idx]), ret_ex[idx], old_ex[idx], clip
         )
-        grad = critics.flat_grad(lm + le)
-        updates, state = tx.update((grad,), state, params=(critics.flat,), inplace=True)
-        torchopt.apply_updates((critics.flat,), updates, inplace=True)
-        total += float(lm + le)
-    return state, {"v_loss": total / max(len(mbs), 1)}
+        grad = state.critics.flat_grad(lm + le)
+        flat = (state.critics.flat,)
+        updates, state.critic_state = parts.critic_tx.update(
+            (grad,), state.critic_state, params=flat, inplace=True
+        )
+        torchopt.apply_updates(flat, updates, inplace=True)
+        total += float((lm + le).detach())
+    return {
+        "v_loss": total / max(len(mbs), 1),
+        "explained_variance": explained_variance(old_ex, ret_ex),
+    }
+
+
+def mixed_advantages(cfg: BilevelConfig, b: Batch, r_in: Tensor) -> Tensor:
+    """GAE of the policy's reward ``r_ex_coef r_ex + r_in_coef r_in`` by ``V_mix``."""
+    r_mix = cfg.r_ex_coef * b.r_ex + cfg.r_in_coef * r_in
+    with torch.no_grad():
+        return gae(
+            r_mix, b.values, b.next_values, b.terminated, b.episode_end, cfg.gamma, cfg.gae_lambda
+        )
+
+
+# ============================== LOG ==============================================================
+def intrinsic_episode_returns(r_in: Tensor, episode_end: Tensor) -> list[float]:
+    """Sums of ``r_in`` over the episodes that end inside the batch (env copy by copy)."""
+    out = []
+    r = r_in.reshape(r_in.shape[0], -1)
+    ends = episode_end.reshape(r.shape)
+    for n in range(r.shape[1]):
+        acc = 0.0
+        for t in range(r.shape[0]):
+            acc += float(r[t, n])
+            if bool(ends[t, n]):
+                out.append(acc)
+                acc = 0.0
+    return out
+
+
+def intrinsic_stats(r_in: Tensor, episode_end: Tensor) -> dict[str, Any]:
+    """The intrinsic reward's statistics on ``tau_k`` (per step, and summed per episode)."""
+    ret = intrinsic_episode_returns(r_in, episode_end)
+    return {
+        "intrinsic_return": float(np.mean(ret)) if ret else "",
+        "intrinsic_reward_mean": float(r_in.mean()),
+        "intrinsic_reward_std": float(r_in.std()) if r_in.numel() > 1 else 0.0,
+        "intrinsic_reward_min": float(r_in.min()),
+        "intrinsic_reward_max": float(r_in.max()),
+    }
+
+
+def meta_columns(mg: meta_grads.MetaGrad, step: MetaStep | None) -> dict[str, Any]:
+    """The estimator's log columns (empty in the first iteration, before any meta-step)."""
+    diag = {} if step is None else step.diagnostics
+    keys = ("norm_applied", *mg.log_keys)
+    return {k: diag.get(k, "") for k in dict.fromkeys(keys)}
+
+
+# ============================== THE LOOP =========================================================
+def train(
+    config: BilevelConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    stop_at_step: int | None = None,
+    on_meta_step: Callable[[MetaStep], None] | None = None,
+) -> dict[str, Any]:
+    """Trains CLN or LIRPG (by the config's class); same contract as the PPO trainer.
+
+    ``on_meta_step`` receives every applied meta-gradient with its terms (tests, benchmarks).
+    """
+    cfg = config
+    algo = "cln" if isinstance(cfg, CLNConfig) else "lirpg"
+    ckpt = begin(algo, cfg, out, resume)
+    parts, s = build(cfg, lr_restart_of(ckpt, cfg))
+    run = Run.open(algo, cfg, out, ckpt)
+    if ckpt is not None:
+        s.load(ckpt, parts)
+    while run.keep_going(s.iteration, s.global_step, stop_at_step):
+        data = collect(cfg, parts, s)  # tau_k ~ pi_{theta_k, eta_i}
+        step = validation_round(cfg, parts, s, data)  # Eq 24: eta_i -> eta_{i+1}
+        if step is not None and on_meta_step is not None:
+            on_meta_step(step)
+        with torch.no_grad():
+            r_in = intrinsic_reward(parts.reward_net, s.eta, data.batch.obs, data.batch.act)
+        adv_mix = mixed_advantages(cfg, data.batch, r_in)
+        round_stats = policy_round(cfg, parts, s, data)  # Eq 23: theta_k -> theta_{k+1}
+        critic_stats = critic_round(cfg, parts, s, data, adv_mix)  # V_mix, V_ex
+        row = {
+            **episode_row(s.iteration + 1, data.rollout.episodes),
+            **policy_stats(cfg, parts, s, data.batch, adv_mix),
+            **critic_stats,
+            **round_stats,
+            **intrinsic_stats(r_in, data.batch.episode_end),
+            **meta_columns(parts.meta_grad, step),
+        }
+        s.iteration += 1
+        s.recent = (s.recent + data.rollout.episodes.returns)[-20:]
+        run.log(s.global_step, row, progress)
+        run.maybe_checkpoint(s.iteration, lambda: s.to_checkpoint(parts, cfg))
+    run.checkpoint(s.to_checkpoint(parts, cfg))
+    return run.finish(
+        parts.collector, {"meta_grad": cfg.meta_grad}, s.global_step, s.iteration, s.recent
+    )

@@ -8,16 +8,16 @@ The CLN and LIRPG trainers reuse these around their own meta-level step:
 - :func:`make_collector` -- seeded envs with the observation/reward normalisers.
 - :func:`ppo_loss` / :func:`ppo_update` -- PPO-clip with a TorchOpt optimizer applied
   functionally (``tx.update`` then ``torchopt.apply_updates``).
-- :func:`make_optimizer` -- ``clip_grad_norm`` then Adam with a linearly annealed step size.
+- :func:`make_optimizer` -- ``clip_grad_norm`` then Adam with a linearly annealed step size
+  (:func:`annealed_lr`), the one optimizer builder of every trainer.
 - :func:`optimizer_state_to_list` / :func:`optimizer_state_from_list` -- checkpointing.
 - :func:`policy_snapshot` -- what ``metagrad-rl evaluate`` needs to rebuild a policy.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -217,15 +217,6 @@ def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:
     )
 
 
-def minibatch_indices(
-    batch_size: int, num_minibatches: int, rng: np.random.Generator
-) -> list[Tensor]:
-    """A fresh permutation cut into ``num_minibatches`` index tensors (CleanRL's slicing)."""
-    mb_size = batch_size // num_minibatches
-    perm = torch.from_numpy(rng.permutation(batch_size))
-    return [perm[s : s + mb_size] for s in range(0, batch_size, mb_size)]
-
-
 def ppo_update(
     policy: GaussianPolicy,
     critic: Critic,
@@ -234,14 +225,15 @@ def ppo_update(
     opt_state: Any,
     data: Minibatch,
     coefs: PPOCoefs,
-    epochs: int,
-    num_minibatches: int,
-    rng: np.random.Generator,
+    minibatches: Sequence[Tensor],
     cond: Tensor | None = None,
     theta_key: str = "theta",
     critic_key: str = "critic",
 ) -> tuple[Any, dict[str, float]]:
-    """``epochs`` passes of minibatch PPO over ``data``; updates ``params.flat`` in place.
+    """Minibatch PPO over ``data`` in the order ``minibatches``; updates ``params.flat`` in place.
+
+    ``minibatches`` is the round's schedule (:func:`metagrad_rl.unroll.minibatch_indices`:
+    epochs x shuffled minibatches), the same schedule the bilevel trainers use.
 
     Each step: ``g = d L / d flat`` (through :meth:`FlatParams.leaves`);
     ``updates, state = tx.update(g, state, inplace=True)``;
@@ -250,20 +242,16 @@ def ppo_update(
     """
     sums: dict[str, float] = {}
     count = 0
-    b = data.obs.shape[0]
-    for _ in range(epochs):
-        for idx in minibatch_indices(b, num_minibatches, rng):
-            mb = Minibatch(*(x[idx] for x in data))
-            leaves = params.leaves()
-            loss, aux = ppo_loss(
-                policy, critic, leaves[theta_key], leaves[critic_key], mb, coefs, cond
-            )
-            grad = params.flat_grad(loss)
-            updates, opt_state = tx.update((grad,), opt_state, params=(params.flat,), inplace=True)
-            torchopt.apply_updates((params.flat,), updates, inplace=True)
-            for k, v in aux.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+    for idx in minibatches:
+        mb = Minibatch(*(x[idx] for x in data))
+        leaves = params.leaves()
+        loss, aux = ppo_loss(policy, critic, leaves[theta_key], leaves[critic_key], mb, coefs, cond)
+        grad = params.flat_grad(loss)
+        updates, opt_state = tx.update((grad,), opt_state, params=(params.flat,), inplace=True)
+        torchopt.apply_updates((params.flat,), updates, inplace=True)
+        for k, v in aux.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
     return opt_state, {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -276,18 +264,35 @@ def explained_variance(pred: Tensor, target: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------------------------
+def annealed_lr(lr: float, iteration: Any, num_iterations: int, restart: int = 0) -> Any:
+    """CleanRL's annealing, restarted at iteration ``restart`` (0: never restarted).
+
+    During iteration ``i`` (0-based) ``lr_i = lr (1 - (i - restart) / (num_iter - restart))``:
+    ``lr`` at the start and linearly towards 0 at the last iteration. A resume that extends
+    ``--total-steps`` restarts the annealing where it resumes (``restart`` = the iterations
+    done): the step size goes back to ``lr`` and anneals to 0 at the new total.
+    """
+    return lr * (1.0 - (iteration - restart) / (num_iterations - restart))
+
+
 def linear_schedule(
-    lr: float, updates_per_iteration: int, num_iterations: int, anneal: bool
+    lr: float, updates_per_iteration: int, num_iterations: int, anneal: bool, restart: int = 0
 ) -> Callable[[Any], Any]:
-    """CleanRL's annealing: during iteration ``i`` (0-based) ``lr_i = lr (1 - i / num_iter)``."""
+    """:func:`annealed_lr` as a TorchOpt schedule of the optimizer's update count."""
 
     def schedule(count: Any) -> Any:
         if not anneal:
             return lr
-        it = count // updates_per_iteration
-        return lr * (1.0 - it / num_iterations)
+        return annealed_lr(lr, count // updates_per_iteration, num_iterations, restart)
 
     return schedule
+
+
+def lr_at(cfg: Any, iteration: int, restart: int = 0) -> float:
+    """The step size of ``cfg``'s optimizer during ``iteration`` (the ``lr`` log column)."""
+    if not cfg.anneal_lr:
+        return float(cfg.lr)
+    return float(annealed_lr(cfg.lr, iteration, cfg.num_iterations, restart))
 
 
 def make_optimizer(
@@ -297,17 +302,35 @@ def make_optimizer(
     anneal_lr: bool = True,
     max_grad_norm: float | None = 0.5,
     eps: float = 1e-5,
+    eps_root: float = 0.0,
+    restart: int = 0,
 ) -> torchopt.base.GradientTransformation:
-    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps))``.
+    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps, eps_root))``.
 
-    The clip is :func:`metagrad_rl.optim.clip_grad_norm` (its factor stays on the graph), the
-    Adam TorchOpt's pure-Python one.
+    The one optimizer builder of every trainer (PPO's policy + critic, the bilevel policy and
+    critics). The clip is :func:`metagrad_rl.optim.clip_grad_norm` (its factor stays on the
+    graph, so the chain is differentiable), the Adam TorchOpt's pure-Python one; ``eps_root``
+    > 0 makes the unrolled update differentiable at ``v = 0``.
     """
-    schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr)
-    adam = torchopt.adam(lr=schedule, eps=eps)
+    schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr, restart)
+    adam = torchopt.adam(lr=schedule, eps=eps, eps_root=eps_root)
     if max_grad_norm is None or math.isinf(max_grad_norm):
         return adam
     return torchopt.chain(clip_grad_norm(max_grad_norm), adam)
+
+
+def optimizer_for(cfg: Any, eps_root: float = 0.0, restart: int = 0) -> Any:
+    """:func:`make_optimizer` from a trainer config's fields."""
+    return make_optimizer(
+        cfg.lr,
+        cfg.steps_per_round,
+        cfg.num_iterations,
+        cfg.anneal_lr,
+        cfg.max_grad_norm,
+        cfg.adam_eps,
+        eps_root,
+        restart,
+    )
 
 
 def optimizer_state_to_list(state: Any) -> list[Tensor]:
@@ -363,36 +386,3 @@ def episode_row(iteration: int, episodes: Any) -> dict[str, Any]:
         "episodic_length": float(np.mean(episodes.lengths)) if episodes.lengths else "",
         "episodes": len(episodes.returns),
     }
-
-
-def finish_run(
-    run_dir: Any,
-    collector: Any,
-    logger: Any,
-    fields: Mapping[str, Any],
-    global_step: int,
-    finished: bool,
-    recent: list[float],
-) -> dict[str, Any]:
-    """The run's summary; written to ``summary.json`` (atomically) only if it finished."""
-    from metagrad_rl.logging import write_summary
-
-    summary = {
-        **fields,
-        "global_step": global_step,
-        "finished": finished,
-        "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
-        "wall_time_s": logger.elapsed(),
-    }
-    if finished:
-        write_summary(run_dir, summary)
-    collector.envs.close()
-    return summary
-
-
-def rng_state(rng: np.random.Generator) -> str:
-    return json.dumps(rng.bit_generator.state)
-
-
-def set_rng_state(rng: np.random.Generator, state: str) -> None:
-    rng.bit_generator.state = json.loads(state)

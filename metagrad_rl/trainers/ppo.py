@@ -9,47 +9,37 @@ meta-gradient trainers make differentiable.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
+from torch import Tensor
 
 from metagrad_rl import config as C
 from metagrad_rl.advantages import gae
-from metagrad_rl.checkpoint import load_checkpoint, save_checkpoint
 from metagrad_rl.envs import check_env_id
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.logging import (
-    CHECKPOINT_FILE,
-    RunLogger,
-    prepare_run_dir,
-    write_run_config,
-)
 from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, params_of
-from metagrad_rl.rollout import collect_rollout
+from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout
 from metagrad_rl.trainers.common import (
     FlatParams,
     PPOCoefs,
     collector_for,
     episode_row,
     explained_variance,
-    finish_run,
     flatten_batch,
-    make_optimizer,
+    lr_at,
+    optimizer_for,
     optimizer_state_from_list,
     optimizer_state_to_list,
     policy_snapshot,
     ppo_update,
-    rng_state,
-    set_rng_state,
 )
+from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
+from metagrad_rl.unroll import minibatch_indices
 
 ALGO = "ppo"
-#: Fields that may differ between a run and its ``--resume``.
-RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads")
 
 
 @dataclass
@@ -168,26 +158,124 @@ class PPOConfig:
     def num_iterations(self) -> int:
         return self.total_steps // self.batch_size
 
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps per iteration: the length of the minibatch schedule of one round."""
+        size = math.ceil(self.batch_size / self.num_minibatches)
+        return self.update_epochs * math.ceil(self.batch_size / size)
+
+    @classmethod
+    def field_choices(cls) -> dict[str, tuple[str, ...]]:
+        """The accepted values of the fields that take a name (the CLI's ``choices``)."""
+        return {"conditioning": cls.CONDITIONINGS}
+
     def coefs(self) -> PPOCoefs:
         return PPOCoefs(self.clip_coef, self.clip_vloss, self.ent_coef, self.vf_coef, self.norm_adv)
 
 
-def check_resume_config(saved: dict[str, Any], config: PPOConfig) -> None:
-    """A resumed run keeps its hyperparameters; only :data:`RESUMABLE_CHANGES` may differ."""
-    now = C.to_dict(config)
-    for k, v in saved.items():
-        if k not in RESUMABLE_CHANGES and now.get(k) != v:
-            raise ConfigError(
-                f"--{k.replace('_', '-')}={now.get(k)!r} differs from the resumed run's {v!r}: "
-                f"a resumed run may change only {', '.join(RESUMABLE_CHANGES)}"
-            )
+@dataclass
+class PPOParts:
+    """The fixed pieces of a PPO run: networks (templates), optimizer, envs, minibatch RNG."""
+
+    policy: GaussianPolicy
+    critic: Critic
+    tx: Any
+    collector: Collector
+    update_gen: torch.Generator
+
+
+@dataclass
+class PPOState:
+    """Everything that changes during a PPO run (and is checkpointed)."""
+
+    params: FlatParams
+    opt_state: Any
+    lr_restart: int = 0
+    global_step: int = 0
+    iteration: int = 0
+    recent: list[float] = field(default_factory=list)
+
+    def to_checkpoint(self, parts: PPOParts, cfg: PPOConfig) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "lr_restart": self.lr_restart,
+            "params": self.params.state_dict(),
+            "opt_state": optimizer_state_to_list(self.opt_state),
+            "collector": parts.collector.state_dict(),
+            "update_gen": parts.update_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "recent_returns": list(self.recent),
+            "policy": policy_snapshot(
+                cfg.env,
+                parts.policy,
+                self.params.views()["theta"],
+                parts.collector.obs_norm,
+                cfg.hidden,
+            ),
+        }
+
+    def load(self, ckpt: dict[str, Any], parts: PPOParts) -> None:
+        self.params.load_state_dict(ckpt["params"])
+        self.opt_state = optimizer_state_from_list(self.opt_state, ckpt["opt_state"])
+        parts.collector.load_state_dict(ckpt["collector"])
+        parts.update_gen.set_state(ckpt["update_gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
+        self.recent = list(ckpt["recent_returns"])
+
+
+def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
+    """Networks, optimizer and envs of ``cfg``, and the state at step 0."""
+    collector = collector_for(cfg)
+    obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
+    IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
+    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
+    critic = Critic(obs_dim, cfg.hidden)
+    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
+    tx = optimizer_for(cfg, restart=lr_restart)
+    gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    parts = PPOParts(policy, critic, tx, collector, gen)
+    return parts, PPOState(params, tx.init((params.flat,)), lr_restart)
+
+
+# ============================== ROLLOUT + ADVANTAGES (GAE) ========================================
+def collect(cfg: PPOConfig, parts: PPOParts, state: PPOState) -> tuple[Rollout, Tensor, Tensor]:
+    """A rollout of the current policy with its GAE advantages and returns."""
+    views = state.params.views()
+    rollout = collect_rollout(
+        parts.collector, parts.policy, views["theta"], parts.critic, views["critic"], cfg.num_steps
+    )
+    state.global_step += cfg.batch_size
+    b: Batch = rollout.batch
+    with torch.no_grad():
+        adv = gae(
+            b.r_ex, b.values, b.next_values, b.terminated, b.episode_end, cfg.gamma, cfg.gae_lambda
+        )
+    return rollout, adv, adv + b.values
+
+
+# ============================== PPO UPDATE =======================================================
+def update(
+    cfg: PPOConfig, parts: PPOParts, state: PPOState, b: Batch, adv: Tensor, returns: Tensor
+) -> dict[str, float]:
+    """``update_epochs`` passes of minibatch PPO (policy and critic share one flat Adam)."""
+    data = flatten_batch(b, adv, returns)
+    gen = parts.update_gen
+    mbs = minibatch_indices(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)
+    lr = lr_at(cfg, state.iteration, state.lr_restart)
+    state.opt_state, stats = ppo_update(
+        parts.policy, parts.critic, state.params, parts.tx, state.opt_state, data, cfg.coefs(), mbs
+    )
+    ev = explained_variance(data.old_values, data.returns)
+    return {**stats, "explained_variance": ev, "lr": lr}
 
 
 def train(
     config: PPOConfig,
     out: str | Path,
     resume: bool = False,
-    progress: Callable[[int, dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
     stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Trains PPO, logging to ``out/progress.csv`` and checkpointing to ``out/checkpoint.pt``.
@@ -197,120 +285,17 @@ def train(
     continues exactly. Returns the summary also written to ``out/summary.json``.
     """
     cfg = config
-    # ============================== SETUP =========================================================
-    ckpt = load_checkpoint(Path(out) / CHECKPOINT_FILE) if resume else None
+    ckpt = begin(ALGO, cfg, out, resume)
+    parts, s = build(cfg, lr_restart_of(ckpt, cfg))
+    run = Run.open(ALGO, cfg, out, ckpt)
     if ckpt is not None:
-        check_resume_config(ckpt["config"], cfg)
-    torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    collector = collector_for(cfg)
-    obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
-    IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
-    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
-    critic = Critic(obs_dim, cfg.hidden)
-    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
-    updates_per_iteration = cfg.update_epochs * math.ceil(
-        cfg.batch_size / (cfg.batch_size // cfg.num_minibatches)
-    )
-    tx = make_optimizer(
-        cfg.lr,
-        updates_per_iteration,
-        cfg.num_iterations,
-        cfg.anneal_lr,
-        cfg.max_grad_norm,
-        cfg.adam_eps,
-    )
-    opt_state = tx.init((params.flat,))
-    update_rng = np.random.default_rng(cfg.seed + 2_000_003)
-    run_dir = prepare_run_dir(out, resume)
-    global_step, iteration = 0, 0
-    if ckpt is not None:
-        params.load_state_dict(ckpt["params"])
-        opt_state = optimizer_state_from_list(opt_state, ckpt["opt_state"])
-        collector.load_state_dict(ckpt["collector"])
-        set_rng_state(update_rng, ckpt["update_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        global_step, iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
-    write_run_config(run_dir, ALGO, C.to_dict(cfg))
-    logger = RunLogger(run_dir, resume_step=global_step if resume else None)
-    recent: list[float] = list(ckpt["recent_returns"]) if ckpt is not None else []
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            run_dir / CHECKPOINT_FILE,
-            {
-                "algo": ALGO,
-                "config": C.to_dict(cfg),
-                "global_step": global_step,
-                "iteration": iteration,
-                "params": params.state_dict(),
-                "opt_state": optimizer_state_to_list(opt_state),
-                "collector": collector.state_dict(),
-                "update_rng": rng_state(update_rng),
-                "torch_rng": torch.get_rng_state(),
-                "recent_returns": list(recent),
-                "policy": policy_snapshot(
-                    cfg.env, policy, params.views()["theta"], collector.obs_norm, cfg.hidden
-                ),
-            },
-        )
-
-    while iteration < cfg.num_iterations:
-        if stop_at_step is not None and global_step >= stop_at_step:
-            break
-        lr_now = cfg.lr * (1.0 - iteration / cfg.num_iterations) if cfg.anneal_lr else cfg.lr
-        # ============================== ROLLOUT ===================================================
-        views = params.views()
-        rollout = collect_rollout(
-            collector, policy, views["theta"], critic, views["critic"], cfg.num_steps
-        )
-        batch = rollout.batch
-        global_step += cfg.batch_size
-        # ============================== ADVANTAGES (GAE) ==========================================
-        with torch.no_grad():
-            adv = gae(
-                batch.r_ex,
-                batch.values,
-                batch.next_values,
-                batch.terminated,
-                batch.episode_end,
-                cfg.gamma,
-                cfg.gae_lambda,
-            )
-            returns = adv + batch.values
-        # ============================== PPO UPDATE ================================================
-        data = flatten_batch(batch, adv, returns)
-        opt_state, stats = ppo_update(
-            policy,
-            critic,
-            params,
-            tx,
-            opt_state,
-            data,
-            cfg.coefs(),
-            cfg.update_epochs,
-            cfg.num_minibatches,
-            update_rng,
-        )
-        iteration += 1
-        # ============================== LOG / CHECKPOINT ==========================================
-        recent = (recent + rollout.episodes.returns)[-20:]
-        eps = rollout.episodes
-        row = logger.log(
-            global_step,
-            cfg.batch_size,
-            {
-                **episode_row(iteration, eps),
-                **stats,
-                "explained_variance": explained_variance(data.old_values, data.returns),
-                "lr": lr_now,
-            },
-        )
-        if cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
-            checkpoint()
-        if progress is not None:
-            progress(global_step, row)
-    checkpoint()
-    fields = {"algo": ALGO, "env": cfg.env, "seed": cfg.seed}
-    finished = iteration >= cfg.num_iterations
-    return finish_run(run_dir, collector, logger, fields, global_step, finished, recent)
+        s.load(ckpt, parts)
+    while run.keep_going(s.iteration, s.global_step, stop_at_step):
+        rollout, adv, returns = collect(cfg, parts, s)
+        stats = update(cfg, parts, s, rollout.batch, adv, returns)
+        s.iteration += 1
+        s.recent = (s.recent + rollout.episodes.returns)[-20:]
+        run.log(s.global_step, {**episode_row(s.iteration, rollout.episodes), **stats}, progress)
+        run.maybe_checkpoint(s.iteration, lambda: s.to_checkpoint(parts, cfg))
+    run.checkpoint(s.to_checkpoint(parts, cfg))
+    return run.finish(parts.collector, {}, s.global_step, s.iteration, s.recent)

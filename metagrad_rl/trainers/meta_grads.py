@@ -1,0 +1,209 @@
+"""The ``--meta-grad`` registry: one :class:`MetaGrad` entry per estimator of ``dJ_ex/deta``.
+
+An entry says what the bilevel trainer must prepare for it and what it applies:
+
+- ``unroll``: ``"none"`` (no differentiable unroll, e.g. Eq 17), ``"lookahead"`` (a
+  ``lookahead_steps``-step full-batch look-ahead from ``theta_k``, kept beside the real round)
+  or ``"round"`` (the real policy round itself is unrolled differentiably; ``theta_{k+1}`` is
+  its output);
+- ``terms``: whether the unroll splits ``eta`` into the four paths of Eq 11-14 (one backward
+  pass either way; the split costs four leaf copies of ``eta``);
+- ``score``: ``None``, ``"baseline"`` (the sampling-aware score term with a moving-average
+  baseline) or ``"magic_box"`` (the same term through DiCE's magic box, no baseline);
+- ``apply(ctx)``: the gradient to step ``eta`` with, and the named parts it is made of;
+- ``log_keys``: the ``progress.csv`` columns it fills (every one is written, empty when absent);
+- ``needs_cln``: the estimator needs a policy conditioned on ``eta`` (Eq 17 is zero otherwise).
+
+The trainer (:mod:`metagrad_rl.trainers.bilevel`), the CLI's ``--meta-grad`` choices, the docs
+table and ``benchmarks/compare_terms`` read :data:`META_GRADS`. To add an estimator, build a
+:class:`MetaGrad` and :func:`register` it (``docs/estimators.md``, "Adding an estimator").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from metagrad_rl.errors import ConfigError
+
+Params = dict[str, Tensor]
+
+UNROLLS = ("none", "lookahead", "round")
+SCORES = (None, "baseline", "magic_box")
+
+
+@dataclass
+class MetaGradContext:
+    """What an estimator's ``apply`` may read in the validation round (Eq 24).
+
+    ``result`` is the engine's :class:`~metagrad_rl.metagrad.MetaGradResult` of the unroll
+    (``None`` for ``unroll="none"``); ``eq17()`` evaluates Eq 17 at ``theta_{k+1}`` on the
+    validation batch with the configured denominator (computed on first call, then cached).
+    """
+
+    result: Any
+    eq17_fn: Callable[[], Params]
+    _eq17: Params | None = None
+
+    def eq17(self) -> Params:
+        if self._eq17 is None:
+            self._eq17 = self.eq17_fn()
+        return self._eq17
+
+
+@dataclass(frozen=True)
+class MetaGrad:
+    """One ``--meta-grad`` choice (see the module docstring for each field)."""
+
+    name: str
+    help: str
+    apply: Callable[[MetaGradContext], tuple[Params, dict[str, Params]]]
+    unroll: str = "none"
+    terms: bool = False
+    score: str | None = None
+    log_keys: tuple[str, ...] = ()
+    needs_cln: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unroll not in UNROLLS:
+            raise ConfigError(f"unroll={self.unroll!r} is invalid: expected one of {UNROLLS}")
+        if self.score not in SCORES:
+            raise ConfigError(f"score={self.score!r} is invalid: expected one of {SCORES}")
+        if self.unroll == "none" and (self.terms or self.score):
+            raise ConfigError(f"meta-grad {self.name!r}: terms and score need an unroll")
+
+
+META_GRADS: dict[str, MetaGrad] = {}
+
+
+def register(entry: MetaGrad, *, replace: bool = False) -> MetaGrad:
+    """Adds ``entry`` to :data:`META_GRADS` (``--meta-grad <entry.name>`` then selects it)."""
+    if entry.name in META_GRADS and not replace:
+        raise ConfigError(f"meta-grad {entry.name!r} is registered already: pass replace=True")
+    META_GRADS[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Removes an entry (tests that register a toy estimator clean up with this)."""
+    META_GRADS.pop(name, None)
+
+
+def get(name: str) -> MetaGrad:
+    if name not in META_GRADS:
+        raise ConfigError(f"meta_grad={name!r} is invalid: expected one of {', '.join(META_GRADS)}")
+    return META_GRADS[name]
+
+
+def _add(*dicts: Params) -> Params:
+    return {k: sum((d[k] for d in dicts[1:]), dicts[0][k]) for k in dicts[0]}
+
+
+# -- the built-in estimators -----------------------------------------------------------------------
+TERM_KEYS = ("norm_eq11", "norm_eq12", "norm_eq13", "norm_eq14", "norm_eq17", "norm_total")
+
+
+def _eq17(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+    g = ctx.eq17()
+    return g, {"eq17": g}
+
+
+def _lirpg(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+    return ctx.result.eq13, {"eq13": ctx.result.eq13}
+
+
+def _three_term(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+    g17, g12, g13 = ctx.eq17(), ctx.result.eq12, ctx.result.eq13
+    return _add(g17, g12, g13), {"eq17": g17, "eq12": g12, "eq13": g13}
+
+
+def _exact(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+    return ctx.result.total, {"total": ctx.result.total}
+
+
+def _with_score(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+    total, score = ctx.result.total, ctx.result.score
+    if score is None:  # no episode ended in the validation batch: no J_hat, no score term
+        score = {k: v.new_zeros(v.shape) for k, v in total.items()}
+    return _add(total, score), {"total": total, "score": score}
+
+
+register(
+    MetaGrad(
+        "eq17",
+        "the CLN best-response gradient at theta_{k+1}, no unroll (the paper's 1-term)",
+        _eq17,
+        log_keys=("norm_eq17",),
+        needs_cln=True,
+    )
+)
+register(
+    MetaGrad(
+        "lirpg",
+        "Eq 13 alone through a lookahead_steps-step full-batch look-ahead (LIRPG)",
+        _lirpg,
+        unroll="lookahead",
+        terms=True,
+        log_keys=TERM_KEYS,
+    )
+)
+register(
+    MetaGrad(
+        "three-term",
+        "Eq 17 + Eq 12 + Eq 13, Eq 12/13 through the look-ahead (the paper's 3-term)",
+        _three_term,
+        unroll="lookahead",
+        terms=True,
+        log_keys=TERM_KEYS,
+        needs_cln=True,
+    )
+)
+register(
+    MetaGrad(
+        "exact",
+        "the total derivative through the real policy round (Eq 11+12+13+14)",
+        _exact,
+        unroll="round",
+        terms=True,
+        log_keys=TERM_KEYS,
+    )
+)
+register(
+    MetaGrad(
+        "sampling-aware",
+        "exact plus the score term of sampling tau_k from pi_{theta_k, eta}, with a baseline",
+        _with_score,
+        unroll="round",
+        score="baseline",
+        log_keys=("norm_eq17", "norm_total", "norm_score", "score_weight"),
+    )
+)
+register(
+    MetaGrad(
+        "dice",
+        "exact plus the score term through DiCE's magic box (no baseline)",
+        _with_score,
+        unroll="round",
+        score="magic_box",
+        log_keys=("norm_eq17", "norm_total", "norm_score", "score_weight"),
+    )
+)
+
+
+def markdown_table() -> str:
+    """The registry as the docs' table (``docs/equations.md`` holds this output; a test checks
+    it is current)."""
+    lines = [
+        "| `--meta-grad` | applies to `eta` | unroll | Eq 11-14 split | score term | log columns |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in META_GRADS.values():
+        keys = ", ".join(f"`{k}`" for k in m.log_keys)
+        lines.append(
+            f"| `{m.name}` | {m.help} | {m.unroll} | {'yes' if m.terms else 'no'} "
+            f"| {m.score or '-'} | {keys} |"
+        )
+    return "\n".join(lines)
