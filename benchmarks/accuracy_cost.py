@@ -204,18 +204,18 @@ def checkpoint_rows(
     problem: Any, cfg: CLNConfig, i: int, step: Any, prev: Any, memory: bool
 ) -> list[Row]:
     """Every estimator at one stored meta-step: Adam (the trainer's) and matched SGD, R = 1, 2."""
-    inp, outer = step.inputs, step.outer
-    eta, theta = inp["eta"], inp["theta"]
+    inp, outer = step.round, step.outer
+    eta, theta = inp.eta, inp.theta
     adam = policy_optimizer(cfg)
-    state = optimizer_state_from_list(adam.init(theta), inp["opt_state"])
-    rnd = Round(inp["batch"], inp["minibatches"])
+    state = optimizer_state_from_list(adam.init(theta), inp.opt_state)
+    rnd = Round(inp.batch, inp.minibatches)
     theta_den = theta if cfg.denominator == "theta_k" else step.theta_next
     _, t17 = timed(lambda: eq17_gradient(problem, step.theta_next, eta, outer, theta_den, eta))
     paths = EtaPaths.shared(eta)
     _, plain_s = timed(
         lambda: unroll(problem, adam, theta, paths, [rnd], state, create_graph=False)
     )
-    full = torch.arange(inp["batch"]["r_ex"].numel())
+    full = torch.arange(inp.batch["r_ex"].numel())
     look_rnd = Round(inp["batch"], [full] * cfg.lookahead_steps)
     look = timed(
         lambda: meta_gradient(problem, adam, theta, eta, [look_rnd], outer, opt_state=state)
@@ -227,11 +227,11 @@ def checkpoint_rows(
     cases = [("adam", adam, state, theta, [rnd], look, plain_s)]
     cases.append(("sgd", sgd, None, theta, [rnd], None, plain_sgd))
     if prev is not None:
-        p = prev.inputs
-        st0 = optimizer_state_from_list(adam.init(p["theta"]), p["opt_state"])
-        both = [Round(p["batch"], p["minibatches"]), rnd]
-        cases.append(("adam", adam, st0, p["theta"], both, look, plain_s))
-        cases.append(("sgd", sgd, None, p["theta"], both, None, plain_sgd))
+        p = prev.round
+        st0 = optimizer_state_from_list(adam.init(p.theta), p.opt_state)
+        both = [Round(p.batch, p.minibatches), rnd]
+        cases.append(("adam", adam, st0, p.theta, both, look, plain_s))
+        cases.append(("sgd", sgd, None, p.theta, both, None, plain_sgd))
     rows: list[Row] = []
     for opt, tx, st, th, rs, lk, plain in cases:
         for r in estimator_rows(problem, tx, st, th, eta, rs, outer, lk, cfg, plain, memory):
