@@ -10,6 +10,8 @@ optimizer state, ``eta``; validation batch ``tau_{k+1}``):
 - every non-empty subset of Eq 11-14 (``MetaGradResult.subset``);
 - the trainer's cheap estimators: Eq 17, LIRPG's one-step look-ahead (its Eq 13) and the
   three-term Eq 17 + Eq 12 + Eq 13 of that look-ahead;
+- ``constant-clip-factor``: the total as the engine computed it before its clip was
+  differentiable (TorchOpt's ``clip_grad_norm``, factor held constant), on the same batches;
 
 each with its cosine and relative error against the exact total of the same R, and its cost:
 wall time against a plain (no-graph) round, and the bytes its autograd graph holds. Then the
@@ -117,6 +119,21 @@ def matched_sgd(problem: Any, cfg: CLNConfig, theta: Any, state: Any, rnd: Round
     return torchopt.chain(clip_grad_norm(cfg.max_grad_norm), torchopt.sgd(lr)), lr
 
 
+def with_torchopt_clip(tx: Any) -> Any:
+    """``tx`` with its first transform (our clip) replaced by TorchOpt's, whose factor is a
+    no_grad constant: the derivative the engine computed before the fix (None: no clip)."""
+    parts = getattr(tx, "transformations", None)
+    if not parts:
+        return None
+    clip = torchopt.clip_grad_norm(_max_norm(parts[0]))
+    return torchopt.chain(clip, *parts[1:])
+
+
+def _max_norm(clip: Any) -> float:
+    names = clip.update.__code__.co_freevars
+    return dict(zip(names, (c.cell_contents for c in clip.update.__closure__)))["max_norm"]
+
+
 def graph_mib(
     problem: Any, tx: Any, theta: Any, eta: Any, rounds: list[Round], outer: Any, **kw: Any
 ) -> float:
@@ -174,6 +191,14 @@ def estimator_rows(
             ests["+".join(names)] = (flatten(exact.subset(names)), t_exact)
             same.add("+".join(names))
     ests["eq17"] = (g17, math.nan)  # timed by the caller: it needs no unroll
+    old = with_torchopt_clip(tx)
+    if old is not None:  # what the engine computed before the clip was differentiable
+        res, t = timed(
+            lambda: meta_gradient(
+                problem, old, theta, eta, rounds, outer, terms=False, allow_graph_cuts=True, **kw
+            )
+        )
+        ests["constant-clip-factor"] = (flatten(res.total), t)
     if look is not None:
         ests["lirpg-lookahead"] = (flatten(look[0].eq13), look[1])
         ests["three-term-lookahead"] = (
