@@ -45,7 +45,7 @@ from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.envs import make_env
 from metagrad_rl.metagrad import TERMS, eq17_gradient, flatten, meta_gradient
 from metagrad_rl.networks import GaussianPolicy, IntrinsicReward
-from metagrad_rl.optim import clip_grad_norm
+from metagrad_rl.optim import clip_grad_norm, closure_vars
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer
 from metagrad_rl.trainers.common import optimizer_state_from_list
@@ -125,13 +125,8 @@ def with_torchopt_clip(tx: Any) -> Any:
     parts = getattr(tx, "transformations", None)
     if not parts:
         return None
-    clip = torchopt.clip_grad_norm(_max_norm(parts[0]))
+    clip = torchopt.clip_grad_norm(closure_vars(parts[0].update)["max_norm"])
     return torchopt.chain(clip, *parts[1:])
-
-
-def _max_norm(clip: Any) -> float:
-    names = clip.update.__code__.co_freevars
-    return dict(zip(names, (c.cell_contents for c in clip.update.__closure__)))["max_norm"]
 
 
 def graph_mib(

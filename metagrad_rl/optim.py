@@ -141,37 +141,42 @@ def _children(tx: Any) -> list[GradientTransformation]:
     return found
 
 
+def transforms(tx: GradientTransformation) -> list[GradientTransformation]:
+    """``tx`` and every transformation inside it, each once (chains, aliases' closures)."""
+    out: list[GradientTransformation] = []
+    stack, seen = [tx], set()
+    while stack:
+        t = stack.pop()
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+            stack += _children(t)
+    return out
+
+
+def closure_vars(fn: Any) -> dict[str, Any]:
+    """The variables a TorchOpt ``update_fn`` closes over (its hyperparameters)."""
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    out = {}
+    for name, cell in zip(names, getattr(fn, "__closure__", None) or ()):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
 def graph_cuts(tx: GradientTransformation) -> list[str]:
     """Why each part of ``tx`` that leaves the autograd graph does (empty: none known).
 
     Walks ``torchopt.chain`` and the chains inside TorchOpt's aliases (``adam``, ``adamw``, ...)
     and matches their update functions against the transforms known to cut the graph.
     """
-    out: list[str] = []
-    stack, seen = [tx], set()
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        fn = t.update
-        why = _GRAPH_CUTS.get((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")))
-        if why is not None:
-            out.append(why)
-        stack += _children(t)
-    return out
-
-
-def _free_vars(fn: Any) -> dict[str, Any]:
-    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
-    cells = getattr(fn, "__closure__", None) or ()
-    out = {}
-    for name, cell in zip(names, cells):
-        try:
-            out[name] = cell.cell_contents
-        except ValueError:
-            pass
-    return out
+    keys = [
+        (getattr(t.update, "__module__", ""), getattr(t.update, "__qualname__", ""))
+        for t in transforms(tx)
+    ]
+    return [_GRAPH_CUTS[k] for k in keys if k in _GRAPH_CUTS]
 
 
 def sqrt_without_eps_root(tx: GradientTransformation) -> list[str]:
@@ -182,20 +187,13 @@ def sqrt_without_eps_root(tx: GradientTransformation) -> list[str]:
     TorchOpt's Adam family takes ``eps_root`` for this; RMSProp and its centred form have none.
     """
     out: list[str] = []
-    stack, seen = [tx], set()
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        fn = t.update
-        qual = getattr(fn, "__qualname__", "")
+    for t in transforms(tx):
+        qual = getattr(t.update, "__qualname__", "")
         if qual.startswith(("_scale_by_adam.", "_scale_by_accelerated_adam.")):
-            if not _free_vars(fn).get("eps_root", 0.0):
+            if not closure_vars(t.update).get("eps_root", 0.0):
                 out.append("Adam (eps_root=0)")
         elif qual.startswith(("_scale_by_rms.", "_scale_by_stddev.")):
             out.append(qual.split(".")[0].lstrip("_"))
-        stack += _children(t)
     return out
 
 
