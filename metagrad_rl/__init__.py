@@ -12,6 +12,7 @@ from metagrad_rl.explicit import (
     hessian_vector_product,
     mixed_second_order_product,
 )
+from metagrad_rl.jacobian import SpectralNorm, round_spectral_norm, spectral_norm
 from metagrad_rl.memory import MemoryBudgetError, check_unroll_memory
 from metagrad_rl.metagrad import (
     MetaGradResult,
@@ -57,6 +58,7 @@ __all__ = [
     "MetaProblem",
     "PendingMetaGradient",
     "Round",
+    "SpectralNorm",
     "VerificationReport",
     "check_unroll_memory",
     "clip_grad_norm",
@@ -73,7 +75,9 @@ __all__ = [
     "mixed_second_order_product",
     "policy_log_prob",
     "ppo_meta_problem",
+    "round_spectral_norm",
     "score_function_term",
+    "spectral_norm",
     "start_meta_gradient",
     "unroll",
     "verify_meta_gradient",
