@@ -65,7 +65,11 @@ from compare_terms import (  # noqa: E402  (a sibling benchmark script, not a pa
 
 from metagrad_rl.checkpoint import atomic_write_bytes  # noqa: E402
 from metagrad_rl.flat import FLAT_KEY, FlatLayout  # noqa: E402
-from metagrad_rl.jacobian import adam_frozen_second_moment, round_spectral_norm  # noqa: E402
+from metagrad_rl.jacobian import (  # noqa: E402
+    adam_frozen_second_moment,
+    round_map,
+    spectral_norm,
+)
 from metagrad_rl.logging import clear_run_dir  # noqa: E402
 from metagrad_rl.optim import clip_counts, clip_grad_norm  # noqa: E402
 from metagrad_rl.trainers import bilevel  # noqa: E402
@@ -74,7 +78,13 @@ from metagrad_rl.trainers.common import (  # noqa: E402
     linear_schedule,
     optimizer_state_from_list,
 )
-from metagrad_rl.unroll import InnerSurrogate, Round, inner_step, prepare_round  # noqa: E402
+from metagrad_rl.unroll import (  # noqa: E402
+    InnerSurrogate,
+    Round,
+    inner_step,
+    outer_loss_at,
+    prepare_round,
+)
 
 Row = dict[str, Any]
 VARIANTS = ("adam-1e-8", "adam-1e-6", "adam-1e-4", "adam-frozen-v", "sgd-matched")
@@ -182,14 +192,38 @@ def preconditioner_stats(cfg: CLNConfig, state: Any, eps_root: float) -> Row:
     }
 
 
+def adjoint_gain(
+    problem: Any, F: Callable[[Tensor], Tensor], layout: FlatLayout, x0: Tensor,
+    eta: Mapping[str, Tensor], outer: Mapping[str, Tensor], theta_k: Mapping[str, Tensor],
+) -> tuple[float, float]:  # fmt: skip
+    """``||J^T g|| / ||g||``, ``g = dL_out / d theta_{k+1}`` at the round's output; and ``||g||``.
+
+    ``J^T g`` is what Eq 14 passes on to ``d theta_k / d eta``: the outer gradient carried back
+    through one more round (the outer ratio's denominator is ``pi_{theta_k, eta}``, detached).
+    """
+    x = x0.detach().clone().requires_grad_(True)
+    y = F(x)
+    y_leaf = y.detach().requires_grad_(True)
+    loss = outer_loss_at(problem, layout.unflatten(y_leaf), eta, outer, theta_k, eta)
+    (g,) = torch.autograd.grad(loss, y_leaf)
+    (jt_g,) = torch.autograd.grad(y, x, g)
+    gn = float(g.norm())
+    return float(jt_g.norm()) / gn if gn > 0 else math.nan, gn
+
+
 # =================================================================================================
 # One checkpoint
 # =================================================================================================
 def spectrum_at(
-    problem: Any, cfg: CLNConfig, inputs: Mapping[str, Any], budget: Budget, seed: int,
+    problem: Any, cfg: CLNConfig, step: Any, budget: Budget, seed: int,
     variants: Sequence[str] = VARIANTS,
 ) -> list[Row]:  # fmt: skip
-    """``||J||_2`` of the stored round for every variant, with the round's diagnostics."""
+    """``||J||_2`` of the stored round for every variant, with the round's diagnostics.
+
+    ``step`` is the trainer's :class:`~metagrad_rl.trainers.bilevel.MetaStep`: ``inputs`` the
+    stored policy round, ``outer`` its validation batch (for :func:`adjoint_gain`).
+    """
+    inputs = step.inputs
     theta, eta = inputs["theta"], inputs["eta"]
     rnd = Round(inputs["batch"], inputs["minibatches"])
     base = policy_optimizer(cfg)
@@ -211,14 +245,17 @@ def spectrum_at(
     for name in variants:
         sgd = name.startswith("sgd")
         t0 = time.perf_counter()
-        res = round_spectral_norm(
-            problem, txs[name], theta, eta, rnd, None if sgd else state,
-            iters=budget.iters, tol=budget.tol, generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        F, layout = round_map(problem, txs[name], theta, eta, rnd, None if sgd else state)
+        res = spectral_norm(
+            F, x0, iters=budget.iters, tol=budget.tol, generator=torch.Generator().manual_seed(seed)
+        )
+        gain, g_norm = adjoint_gain(problem, F, layout, x0, eta, step.outer, theta)
         rows.append(
             {
                 "variant": name,
                 "sigma": res.sigma,
+                "adjoint_gain": gain,
+                "outer_grad_norm": g_norm,
                 "iterations": res.iterations,
                 "residual": res.residual,
                 "rel_change": res.rel_change,
@@ -269,7 +306,7 @@ def run(
         if i not in picks:
             return
         t0 = time.perf_counter()
-        for r in spectrum_at(problem, cfg, step.inputs, budget, seed, variants):
+        for r in spectrum_at(problem, cfg, step, budget, seed, variants):
             rows.append({"meta_step": i, "env_steps": (i + 2) * cfg.batch_size, **r})
         print(f"checkpoint {i}: {time.perf_counter() - t0:.0f} s", flush=True)
         if on_rows is not None:
@@ -286,8 +323,16 @@ def run(
 # Table and plot
 # =================================================================================================
 def table(rows: Sequence[Row]) -> str:
+    """``||J||`` per variant with the round's diagnostics; then the adjoint gains."""
     steps = sorted({(r["meta_step"], r["env_steps"]) for r in rows})
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    gains = []
+    for m, s in steps:
+        at = {r["variant"]: r for r in rows if r["meta_step"] == m}
+        gains.append(
+            [m, f"{s:,}"] + [fmt(at[v]["adjoint_gain"]) if v in at else "–" for v in variants]
+        )
+    gain_table = markdown(gains, ["meta-step", "env steps"] + [f"‖Jᵀg‖/‖g‖ {v}" for v in variants])
     lines = []
     for m, s in steps:
         at = {r["variant"]: r for r in rows if r["meta_step"] == m}
@@ -309,7 +354,7 @@ def table(rows: Sequence[Row]) -> str:
         + [f"‖J‖ {v}" for v in variants]
         + ["SGD lr", "lr·D max", "lr·D median", "share v̂<1e-8", "max residual"]
     )
-    return markdown(lines, header)
+    return markdown(lines, header) + "\n\n" + gain_table
 
 
 def plot(rows: Sequence[Row], path: Path) -> Path:

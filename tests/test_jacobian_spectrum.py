@@ -54,6 +54,27 @@ def test_plain_round_is_the_engines_unroll():
     assert 0.0 <= share <= 1.0
 
 
+def test_adjoint_gain_against_the_full_jacobian():
+    """||J^T g|| / ||g|| with J from torch.autograd.functional.jacobian, g by hand."""
+    from meta_helpers import OPTIMIZERS, make_setup
+
+    from metagrad_rl.jacobian import round_map
+
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=1, steps=2)
+    F, layout = round_map(problem, OPTIMIZERS["adam"](), theta, eta, rounds[0])
+    x0 = layout.flatten(theta)
+    gain, g_norm = js.adjoint_gain(problem, F, layout, x0, eta, outer, theta)
+    J = torch.autograd.functional.jacobian(F, x0)
+    y = F(x0).detach().requires_grad_(True)
+    loss = problem.outer_loss(
+        layout.unflatten(y), outer, eta_policy=eta, theta_den=theta, eta_den=eta
+    )
+    (g,) = torch.autograd.grad(loss, y)
+    assert g_norm == pytest.approx(float(g.norm()), rel=1e-12)
+    assert gain == pytest.approx(float((J.T @ g).norm() / g.norm()), rel=1e-10)
+    assert gain <= float(torch.linalg.svdvals(J)[0]) * (1 + 1e-12)
+
+
 def test_tiny_run_rows_and_files(tiny_run):
     out, rows = tiny_run
     assert [r["variant"] for r in rows] == list(js.VARIANTS)
