@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -330,7 +331,7 @@ def table(rows: Sequence[Row]) -> str:
     for m, s in steps:
         at = {r["variant"]: r for r in rows if r["meta_step"] == m}
         gains.append(
-            [m, f"{s:,}"] + [fmt(at[v]["adjoint_gain"]) if v in at else "–" for v in variants]
+            [m, f"{s:,}"] + [fmt(at[v].get("adjoint_gain")) if v in at else "–" for v in variants]
         )
     gain_table = markdown(gains, ["meta-step", "env steps"] + [f"‖Jᵀg‖/‖g‖ {v}" for v in variants])
     lines = []
@@ -358,18 +359,29 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def plot(rows: Sequence[Row], path: Path) -> Path:
+    """Left: ``||J||_2`` per variant over training; right: the adjoint gain ``||J^T g||/||g||``."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for v in VARIANTS:
-        pts = sorted((r["env_steps"], r["sigma"]) for r in rows if r["variant"] == v)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=v)
-    ax.set_yscale("log")
-    ax.set_xlabel("environment steps (CLN eq17 on Hopper-v5, seed 1)")
-    ax.set_ylabel("‖d θ_{k+1} / d θ_k‖₂ over one round (320 steps)")
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    style = {"adam-frozen-v": dict(ls="--", marker="x", ms=9)}
+    for ax, key, title in (
+        (axes[0], "sigma", r"$\|\partial\theta_{k+1}/\partial\theta_k\|_2$ (power iteration)"),
+        (
+            axes[1],
+            "adjoint_gain",
+            r"$\|J^\top g\|/\|g\|$, $g = \partial L_{out}/\partial\theta_{k+1}$",
+        ),
+    ):
+        for v in VARIANTS:
+            pts = sorted((r["env_steps"], r[key]) for r in rows if r["variant"] == v and key in r)
+            if pts:
+                ax.plot(*zip(*pts), **(style.get(v) or dict(marker="o")), label=v)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("environment steps (CLN eq17, Hopper-v5)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("gain over one policy round (320 inner steps)")
+    axes[0].legend(fontsize=8)
     return save_png(fig, path)
 
 
@@ -384,17 +396,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/jacobian_spectrum", help="output directory")
     p.add_argument("--full", action="store_true", help="8 checkpoints over ~100k steps")
-    p.add_argument(
-        "--seed", type=int, default=1, help="seed of the CLN run and the power iteration"
-    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the run and of v_0")
     p.add_argument("--steps", type=int, default=None, help="override the budget's env steps")
     p.add_argument("--checkpoints", type=int, default=None, help="override the checkpoints")
     p.add_argument("--iters", type=int, default=None, help="override the power iterations")
+    p.add_argument(
+        "--replot", action="store_true", help="only rewrite table and plot from --out's JSON"
+    )
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        saved = json.loads((out / "jacobian_spectrum.json").read_text())
+        rows = saved.pop("rows")
+        write(out, rows, saved)
+        print(table(rows))
+        return 0
     budget = FULL if args.full else SMALL
     over = {k: getattr(args, k) for k in ("steps", "checkpoints", "iters")}
     budget = dataclasses.replace(budget, **{k: v for k, v in over.items() if v is not None})
-    out = Path(args.out)
     t0 = time.perf_counter()
     extra = {"budget": dataclasses.asdict(budget), "seed": args.seed, "full": args.full}
     rows = run(out, budget, seed=args.seed, on_rows=lambda rs: write(out, rs, extra))
