@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +214,21 @@ def test_mujoco_draws_from_a_tiny_run(tmp_path):
     # independent draws give different gradients, and the CLN policy's score term is not 0
     assert res["rows"][0]["total_variance"] > 0
     assert min(res["norm_grad_log_p"]) > 0
+
+
+def test_bootstrap_pairs_separate_distinct_groups_and_not_overlapping_ones():
+    from termbench.learning import bootstrap_differences
+
+    rows = [
+        {"group": "cln-high-Hopper-v5", "per_seed": [1400.0, 1500.0, 1450.0]},
+        {"group": "cln-mid-Hopper-v5", "per_seed": [980.0, 258.0, 677.0]},
+        {"group": "cln-low-Hopper-v5", "per_seed": [491.0, 293.0, 316.0]},
+        {"group": "ppo-Hopper-v5", "per_seed": [1.0, 2.0]},  # not a Figure 5 group
+        {"group": "cln-one-Hopper-v5", "per_seed": [5.0]},  # one seed: no interval
+    ]
+    pairs = {(p["a"], p["b"]): p for p in bootstrap_differences(rows)}
+    assert set(pairs) == {("high", "mid"), ("high", "low"), ("mid", "low")}
+    assert pairs[("high", "low")]["separated"] and pairs[("high", "mid")]["separated"]
+    mid_low = pairs[("mid", "low")]
+    assert not mid_low["separated"] and mid_low["ci_low"] < 0 < mid_low["ci_high"]
+    assert mid_low["diff"] == pytest.approx(np.mean([980, 258, 677]) - np.mean([491, 293, 316]))

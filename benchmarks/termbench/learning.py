@@ -77,6 +77,48 @@ def learning_table(groups: Mapping[str, list[Path]]) -> list[Row]:
     return rows
 
 
+def bootstrap_differences(
+    rows: Sequence[Row],
+    prefix: str = "cln-",
+    suffix: str = "-Hopper-v5",
+    n: int = 10_000,
+    seed: int = 0,
+) -> list[Row]:
+    """95% bootstrap intervals of the difference in final return of every pair of groups.
+
+    For the groups named ``<prefix><estimator><suffix>`` (Figure 5): each group's seeds are
+    resampled with replacement, independently, ``n`` times; the interval is the 2.5 and 97.5
+    percentiles of the difference of the resampled means. A pair is *separated* when the
+    interval excludes 0. With 3-5 seeds a bootstrap interval is optimistic (it cannot be
+    wider than the seeds' range): read an unseparated pair as "undecided".
+    """
+    rng = np.random.default_rng(seed)
+    finals = {
+        r["group"][len(prefix) : -len(suffix)]: np.asarray(r["per_seed"], dtype=float)
+        for r in rows
+        if r["group"].startswith(prefix) and r["group"].endswith(suffix) and len(r["per_seed"]) > 1
+    }
+    boot = {k: v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1) for k, v in finals.items()}
+    out = []
+    names = sorted(finals, key=lambda k: -finals[k].mean())
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = boot[a] - boot[b]
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "diff": float(finals[a].mean() - finals[b].mean()),
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "separated": bool(lo > 0 or hi < 0),
+                    "seeds": f"{len(finals[a])}/{len(finals[b])}",
+                }
+            )
+    return out
+
+
 def plot_groups(
     groups: Mapping[str, list[Path]],
     panels: Mapping[str, Sequence[tuple[str, str]]],
@@ -198,6 +240,7 @@ def run_learning(
     rows = learning_table(groups)
     return {
         "rows": rows,
+        "pairs": bootstrap_differences(rows),
         "source": source,
         "note": note,
         "plots": {k: str(v) for k, v in figs.items() if v},
@@ -218,6 +261,24 @@ def learning_tables(res: Mapping[str, Any]) -> str:
         for r in res["rows"]
     ]
     head = f"Runs from {res['source']}" + (f" ({res['note']})" if res["note"] else "")
+    pairs = [
+        [
+            p["a"],
+            p["b"],
+            p["seeds"],
+            f"{p['diff']:.0f}",
+            f"[{p['ci_low']:.0f}, {p['ci_high']:.0f}]",
+            "yes" if p["separated"] else "no",
+        ]
+        for p in res.get("pairs", [])
+    ]
+    pair_table = (
+        "\n\nFigure 5, every pair: difference of mean final returns with a 95% bootstrap "
+        "interval (seeds resampled within each group; separated = the interval excludes 0):\n"
+        + markdown(pairs, ["a", "b", "seeds", "a - b", "95% interval", "separated"])
+        if pairs
+        else ""
+    )
     return (
         head
         + ":\n"
@@ -231,4 +292,5 @@ def learning_tables(res: Mapping[str, Any]) -> str:
                 "per seed",
             ],
         )
+        + pair_table
     )
