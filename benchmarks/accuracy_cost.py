@@ -109,7 +109,7 @@ def matched_sgd(problem: Any, cfg: CLNConfig, theta: Any, state: Any, rnd: Round
 
     def moved(tx: Any, st: Any) -> float:
         res = unroll(problem, tx, theta, paths, [rnd], st, create_graph=False)
-        return float((flatten(res.theta) - flatten(theta)).norm())
+        return float((flatten(res.theta) - flatten(theta)).detach().norm())
 
     target, lr = moved(adam, state), 1e-2
     for _ in range(2):
