@@ -13,7 +13,7 @@ from metagrad_rl.checkpoint import atomic_write_json
 from metagrad_rl.logging import CHECKPOINT_FILE
 from termbench.accuracy import accuracy_tables, plot_accuracy, run_accuracy
 from termbench.bias import mujoco_draws, mujoco_table, run_tabular, tabular_table
-from termbench.common import FULL, SECTIONS, SMALL, write_rows
+from termbench.common import FULL, OPT_IN_SECTIONS, SECTIONS, SMALL, write_rows
 from termbench.cost import cost_tables, plot_cost, probe_main, run_cost
 from termbench.learning import learning_tables, run_learning
 
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
+        help=f"comma-separated subset of {','.join(SECTIONS + OPT_IN_SECTIONS)} (default: "
+        f"{','.join(SECTIONS)}; accuracy-cost is benchmarks/accuracy_cost.py: truncated and "
+        "partial estimators, accuracy against cost)",
     )
     p.add_argument(
         "--runs",
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in sections if s not in SECTIONS]
+    bad = [s for s in sections if s not in SECTIONS + OPT_IN_SECTIONS]
     if bad:
-        p.error(f"unknown sections {bad}: expected a subset of {list(SECTIONS)}")
+        p.error(f"unknown sections {bad}: expected a subset of {list(SECTIONS + OPT_IN_SECTIONS)}")
     budget = FULL if args.full else SMALL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Accuracy (CLN on Hopper-v5, every term on the trainer's stored batches)\n")
         print(accuracy_tables(rows))
         timings["accuracy"] = time.perf_counter() - t0
+
+    if "accuracy-cost" in sections:
+        import accuracy_cost  # benchmarks/accuracy_cost.py, beside compare_terms.py
+
+        t0 = time.perf_counter()
+        print("\n## Accuracy against cost (truncated and partial meta-gradients)\n")
+        accuracy_cost.main(
+            ["--out", str(out / "accuracy_cost"), "--seed", str(args.seed)]
+            + (["--full"] if args.full else [])
+        )
+        timings["accuracy-cost"] = time.perf_counter() - t0
 
     if "cost" in sections:
         t0 = time.perf_counter()

@@ -1,0 +1,49 @@
+"""benchmarks/accuracy_cost.py's rows on a tiny problem: each estimator against the engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torchopt
+from meta_helpers import make_setup
+
+from metagrad_rl.optim import clip_grad_norm, graph_cuts
+from metagrad_rl.trainers.bilevel import CLNConfig
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("accuracy_cost", BENCH / "accuracy_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_compare_every_estimator_with_the_exact_total():
+    ac = _module()
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=2, steps=4)
+    tx = torchopt.chain(clip_grad_norm(0.3), torchopt.adam(0.01, eps_root=1e-8))
+    rows = ac.estimator_rows(
+        problem, tx, None, theta, eta, rounds, outer, None, CLNConfig(), 1.0, memory=True
+    )
+    by = {r["estimator"]: r for r in rows}
+    assert abs(by["exact"]["cos"] - 1.0) < 1e-12 and by["exact"]["relerr"] == 0.0
+    # k >= the 8 unrolled steps is the exact total; fewer steps is not
+    for k in (8, 32, 320, 640):
+        assert by[f"truncated-k{k}"]["relerr"] == 0.0
+    assert by["truncated-k1"]["relerr"] > 1e-3
+    # Eq 11-14 together would be the total; every proper subset is listed and differs from it
+    assert "eq11+eq12+eq13" in by and "eq11+eq12+eq13+eq14" not in by
+    assert all(by[n]["relerr"] > 0 for n in ("eq11", "eq13", "eq12+eq14"))
+    # the engine's old derivative (TorchOpt's clip, factor constant) is measurably off
+    assert by["constant-clip-factor"]["relerr"] > 1e-3
+    assert graph_cuts(ac.with_torchopt_clip(tx)) and ac.with_torchopt_clip(torchopt.sgd(1)) is None
+    assert by["exact"]["graph_mib"] > 0 and math.isnan(by["eq17"]["graph_mib"])
+    summ = ac.summary([{**r, "optimizer": "adam"} for r in rows])
+    assert {s["estimator"] for s in summ} == set(by)
+    assert "| adam | 2 | exact | 1.000" in ac.table(summ)
