@@ -215,7 +215,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc={args.nproc} is invalid: expected a positive int")
     if not args.worker_timeout > 0:
         raise ConfigError(f"--worker-timeout={args.worker_timeout} is invalid: expected > 0")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if args.nproc > 1 and "WORLD_SIZE" in os.environ:
+        raise ConfigError(
+            f"--nproc={args.nproc} starts workers itself: under torchrun (WORLD_SIZE is set) "
+            "leave it out and give torchrun --nproc-per-node instead"
+        )
+    if args.nproc > 1:
         make_train_config(args)  # bad input: one line here, not one per worker
         argv = parallel.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
         return parallel.launch_local(args.nproc, argv, args.worker_timeout)
@@ -227,9 +232,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
     from tqdm import tqdm
 
-    from metagrad_rl.trainers import ALGOS
+    from metagrad_rl.trainers import ALGOS, parallel
 
-    config = make_train_config(args)
+    # rank 0's (with --resume only its file system needs the run directory)
+    config = parallel.current().main_first(lambda: make_train_config(args), share=True)
     if not is_main:
         args.no_progress = True
     if args.overwrite and is_main:

@@ -67,6 +67,12 @@ class PeerConfigError(ConfigError):
     """Rank 0's :class:`ConfigError`, raised on the other workers too (the CLI prints it once)."""
 
 
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _fresh_moments(rms: Any) -> Moments:
     fresh = RunningMeanStd(np.shape(rms.mean))
     return Moments(fresh.mean.copy(), fresh.var.copy(), float(fresh.count))
@@ -122,6 +128,7 @@ class Parallel:
         mine = default_budget_bytes()
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
         value = torch.tensor([float("inf") if mine is None else mine / local], dtype=torch.float64)
+        value = value.to(_comm_device())
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         if torch.isfinite(value).all():
             os.environ["METAGRAD_MEMORY_BUDGET_GIB"] = repr(float(value) / GIB)
@@ -156,7 +163,7 @@ class Parallel:
         if not self.distributed:
             return x.std()
         x = x.detach().reshape(-1).to(torch.float64)
-        total, n = all_reduce_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()))])).unbind()
+        total, n = all_reduce_sum(torch.stack([x.sum(), x.new_tensor(float(x.numel()))])).unbind()
         ss = all_reduce_sum((x - total / n).square().sum())
         return (ss / (n - 1)).sqrt()
 
