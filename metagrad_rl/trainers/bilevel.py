@@ -205,6 +205,9 @@ class Parts:
     par: parallel.Parallel = field(default_factory=parallel.Parallel)
     """This worker (seeds, averaged optimizers and meta-gradient, union advantage statistics,
     combined normalisers; no-op in one process: :mod:`metagrad_rl.trainers.parallel`)."""
+    plain_round: tuple[Any, Any] | None = None
+    """``(problem, theta_tx)`` of a policy round that is not differentiated, with plain
+    collectives (the cheaper twins of ``problem`` and ``theta_tx``; ``None``: those)."""
 
 
 @dataclass
@@ -350,13 +353,18 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         v_ex=v_ex,
         problem=build_problem(cfg, policy, reward_net, par.sum_over_workers),
         theta_tx=par.averaged(policy_optimizer(cfg, lr_restart)),
-        critic_tx=par.averaged(optimizer_for(cfg, restart=lr_restart)),
+        critic_tx=par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True),
         eta_tx=torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps),
         collector=collector,
         update_gen=torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003),
         meta_grad=meta_grads.get(cfg.meta_grad),
         par=par,
     )
+    if par.distributed:
+        parts.plain_round = (
+            build_problem(cfg, policy, reward_net, par.plain_sum_over_workers),
+            par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
+        )
     theta, eta = detach_state(params_of(policy)), detach_state(params_of(reward_net))
     critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
     par.sync_([*theta.values(), *eta.values(), critics.flat])
@@ -603,9 +611,10 @@ def policy_round(
         assert rec.graph is not None
         state.theta, state.theta_state = rec.graph.theta_next, rec.graph.opt_state
     else:
+        problem, tx = parts.plain_round or (parts.problem, parts.theta_tx)
         res = unroll(
-            parts.problem,
-            parts.theta_tx,
+            problem,
+            tx,
             state.theta,
             EtaPaths.shared(state.eta),
             [Round(rec.batch, rec.minibatches)],

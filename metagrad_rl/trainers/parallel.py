@@ -73,6 +73,34 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _plain_sum(x: Tensor) -> Tensor:
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y
+
+
+def _average_plain() -> torchopt.base.GradientTransformation:
+    """:func:`~metagrad_rl.distributed.average_across_workers` by a plain all-reduce (no
+    autograd): the mean of the updates over the workers, written into them."""
+
+    def init_fn(params: Any) -> torchopt.base.EmptyState:
+        return torchopt.base.EmptyState()
+
+    def update_fn(
+        updates: Any, state: Any, *, params: Any = None, inplace: bool = True
+    ) -> tuple[Any, Any]:
+        leaves, spec = torchopt.pytree.tree_flatten(updates)
+        if any(t.requires_grad for t in leaves):
+            raise ConfigError("a plain average of updates that are differentiated: use averaged()")
+        if not inplace:
+            leaves = [t.clone() for t in leaves]
+            updates = torchopt.pytree.tree_unflatten(spec, leaves)
+        average_gradients_(leaves)
+        return updates, state
+
+    return torchopt.base.GradientTransformation(init_fn, update_fn)
+
+
 def _fresh_moments(rms: Any) -> Moments:
     fresh = RunningMeanStd(np.shape(rms.mean))
     return Moments(fresh.mean.copy(), fresh.var.copy(), float(fresh.count))
@@ -100,10 +128,20 @@ class Parallel:
         """This worker's seed of envs, action noise and minibatch order (rank 0: ``seed``)."""
         return worker_seed(seed, self.rank)
 
-    def averaged(self, tx: torchopt.base.GradientTransformation) -> Any:
+    def averaged(self, tx: torchopt.base.GradientTransformation, plain: bool = False) -> Any:
         """``tx`` behind :func:`~metagrad_rl.distributed.average_across_workers` (``tx`` alone
-        in one process)."""
-        return torchopt.chain(average_across_workers(), tx) if self.distributed else tx
+        in one process). ``plain``: for updates that are never differentiated (PPO, the
+        critics, a plain policy round), the same average by a plain all-reduce, which costs
+        about a third of the autograd-aware one; the optimizer state is the same."""
+        if not self.distributed:
+            return tx
+        return torchopt.chain(_average_plain() if plain else average_across_workers(), tx)
+
+    @property
+    def plain_sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:
+        """:attr:`sum_over_workers` off the autograd graph (for a plain policy round, whose
+        advantages are constants: ``eta`` is not differentiated there)."""
+        return _plain_sum if self.distributed else None
 
     @property
     def sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:
@@ -298,9 +336,15 @@ def launch_local(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
     ``timeout_s`` + 30 s to stop (they fail at their next collective) before they are killed.
     Returns the first failing worker's exit code, or 0.
     """
+    import signal
     import subprocess
     import sys
     import time
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
 
     port = _free_port()
     cmd = [sys.executable, "-m", "metagrad_rl", *argv]
@@ -327,11 +371,15 @@ def launch_local(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the workers (files stay whole)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
         code, deadline = 130, time.monotonic() + 10.0
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.kill()

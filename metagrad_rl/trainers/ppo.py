@@ -243,7 +243,7 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     critic = Critic(obs_dim, cfg.hidden)
     params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
     par.sync_([params.flat])
-    tx = par.averaged(optimizer_for(cfg, restart=lr_restart))
+    tx = par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True)
     gen = torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003)
     parts = PPOParts(policy, critic, tx, collector, gen, par)
     return parts, PPOState(params, tx.init((params.flat,)), lr_restart)
