@@ -205,3 +205,31 @@ def test_cli_a_killed_worker_stops_the_other_with_one_line_and_the_run_resumes(t
     rows = _rows(out)
     assert [int(r["global_step"]) for r in rows][-3:] == [done, done + 64, done + 128]
     assert load_checkpoint(out / "checkpoint.pt")["num_workers"] == 2
+
+
+# ------------------------------------------------------------------- the CLI, without workers
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--nproc", "0"], {}, "--nproc=0 is invalid"),
+        (["--worker-timeout", "0"], {}, "--worker-timeout=0.0 is invalid"),
+        (["--nproc", "2"], {"WORLD_SIZE": "2"}, "under torchrun (WORLD_SIZE is set)"),
+        (["--nproc", "2", "--lr", "-1"], {}, "lr"),  # checked once, before any worker starts
+    ],
+)
+def test_cli_worker_flags_bad_input_is_one_line(capsys, monkeypatch, tmp_path, argv, env, needle):
+    from metagrad_rl.cli import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["train", "--out", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("metagrad-rl: error:") and needle in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_nproc_is_left_out_of_the_workers_command_line():
+    from metagrad_rl.trainers.parallel import without_flag
+
+    argv = ["train", "--nproc", "2", "--out", "x", "--nproc=3", "--seed", "1"]
+    assert without_flag(argv, "--nproc") == ["train", "--out", "x", "--seed", "1"]
