@@ -97,6 +97,25 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         help="start afresh in --out, deleting an earlier run's files there",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # -- data-parallel workers (issue 10; metagrad_rl.trainers.parallel) --
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N data-parallel workers on this machine (what `torchrun --standalone "
+        "--nproc-per-node N -m metagrad_rl train ...` starts): each its own envs and seed, "
+        "gradients and statistics averaged; --num-steps and --total-steps count one worker's "
+        "steps (default: 1)",
+    )
+    train.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="with several workers: seconds to wait for a worker that died or hangs before "
+        "stopping with one error line (default: %(default)s)",
+    )
     add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
     train.set_defaults(func=cmd_train)
 
@@ -187,12 +206,39 @@ def rounding_note(config: Any) -> str | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from metagrad_rl.distributed import init_workers
+    from metagrad_rl.trainers import parallel
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc} is invalid: expected a positive int")
+    if not args.worker_timeout > 0:
+        raise ConfigError(f"--worker-timeout={args.worker_timeout} is invalid: expected > 0")
+    if args.nproc > 1 and "WORLD_SIZE" in os.environ:
+        raise ConfigError(
+            f"--nproc={args.nproc} starts workers itself: under torchrun (WORLD_SIZE is set) "
+            "leave it out and give torchrun --nproc-per-node instead"
+        )
+    if args.nproc > 1:
+        make_train_config(args)  # bad input: one line here, not one per worker
+        argv = parallel.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
+        return parallel.launch_local(args.nproc, argv, args.worker_timeout)
+    device = str(getattr(args, "device", "cpu"))
+    with init_workers(device, timeout_s=args.worker_timeout) as w:
+        return _train_worker(args, w.is_main)
+
+
+def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
     from tqdm import tqdm
 
-    from metagrad_rl.trainers import ALGOS
+    from metagrad_rl.trainers import ALGOS, parallel
 
-    config = make_train_config(args)
-    if args.overwrite:
+    # rank 0's (with --resume only its file system needs the run directory)
+    config = parallel.current().main_first(lambda: make_train_config(args), share=True)
+    if not is_main:
+        args.no_progress = True
+    if args.overwrite and is_main:
         if args.resume:
             raise ConfigError("--overwrite and --resume exclude each other: expected one of them")
         from metagrad_rl.logging import clear_run_dir
@@ -235,6 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         for b in bars:
             b.close()
+    if not is_main:
+        return 0
     ret = summary.get("mean_return_last_20_episodes")
     ret_s = "n/a" if ret is None else f"{ret:.1f}"
     print(
@@ -270,14 +318,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metagrad-rl`` console script; returns the exit code."""
+    from metagrad_rl.distributed import OutOfSyncError, WorkerLostError
+    from metagrad_rl.trainers.parallel import PeerConfigError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(_peek_algo(argv)).parse_args(argv)
+        args.argv = argv
         return int(args.func(args))
+    except PeerConfigError:
+        return 2  # rank 0 prints it
     except ConfigError as err:
         msg = " ".join(str(err).split())
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
+    except (WorkerLostError, OutOfSyncError) as err:
+        msg = " ".join(str(err).split())
+        print(
+            f"{PROG}: error: {msg}; resume from the last checkpoint with --resume", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

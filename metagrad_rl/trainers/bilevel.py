@@ -73,7 +73,7 @@ from metagrad_rl.optim import clip_counts
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout, critic_values
-from metagrad_rl.trainers import meta_grads
+from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.common import (
     FlatParams,
     collector_for,
@@ -202,6 +202,12 @@ class Parts:
     collector: Collector
     update_gen: torch.Generator
     meta_grad: meta_grads.MetaGrad
+    par: parallel.Parallel = field(default_factory=parallel.Parallel)
+    """This worker (seeds, averaged optimizers and meta-gradient, union advantage statistics,
+    combined normalisers; no-op in one process: :mod:`metagrad_rl.trainers.parallel`)."""
+    plain_round: tuple[Any, Any] | None = None
+    """``(problem, theta_tx)`` of a policy round that is not differentiated, with plain
+    collectives (the cheaper twins of ``problem`` and ``theta_tx``; ``None``: those)."""
 
 
 @dataclass
@@ -297,6 +303,7 @@ class BilevelState:
         self.pending = RoundRecord.from_checkpoint(ckpt["pending"])
         self.baseline = ckpt.get("baseline")
         self.recent = list(ckpt["recent_returns"])
+        parts.par.resumed_normalisers(parts.collector)
 
 
 @dataclass
@@ -332,7 +339,8 @@ class MetaStep:
 # ============================== SETUP =============================================================
 def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]:
     """Networks, optimizers, problem and envs of ``cfg``, and the state at step 0."""
-    collector = collector_for(cfg)
+    par = parallel.current()
+    collector = collector_for(cfg, par.seed(cfg.seed))
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
     cond_dim = reward_net.condition_dim
@@ -343,16 +351,23 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         reward_net=reward_net,
         v_mix=v_mix,
         v_ex=v_ex,
-        problem=build_problem(cfg, policy, reward_net),
-        theta_tx=policy_optimizer(cfg, lr_restart),
-        critic_tx=optimizer_for(cfg, restart=lr_restart),
+        problem=build_problem(cfg, policy, reward_net, par.sum_over_workers),
+        theta_tx=par.averaged(policy_optimizer(cfg, lr_restart)),
+        critic_tx=par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True),
         eta_tx=torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps),
         collector=collector,
-        update_gen=torch.Generator().manual_seed(cfg.seed + 2_000_003),
+        update_gen=torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003),
         meta_grad=meta_grads.get(cfg.meta_grad),
+        par=par,
     )
+    if par.distributed:
+        parts.plain_round = (
+            build_problem(cfg, policy, reward_net, par.plain_sum_over_workers),
+            par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
+        )
     theta, eta = detach_state(params_of(policy)), detach_state(params_of(reward_net))
     critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
+    par.sync_([*theta.values(), *eta.values(), critics.flat])
     state = BilevelState(
         theta=theta,
         eta=eta,
@@ -365,8 +380,14 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     return parts, state
 
 
-def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: IntrinsicReward) -> Any:
-    """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`)."""
+def build_problem(
+    cfg: BilevelConfig,
+    policy: GaussianPolicy,
+    reward_net: IntrinsicReward,
+    sum_over_workers: Callable[[Tensor], Tensor] | None = None,
+) -> Any:
+    """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`);
+    ``sum_over_workers``: advantage statistics over the workers' union."""
     return ppo_meta_problem(
         policy,
         reward_net,
@@ -377,6 +398,7 @@ def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: Intrin
         r_in_coef=cfg.r_in_coef,
         ent_coef=cfg.ent_coef,
         normalize_advantages=cfg.norm_adv,
+        sum_over_workers=sum_over_workers,
     )
 
 
@@ -402,6 +424,8 @@ def collect(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> Collected:
         cfg.num_steps,
         _condition(cfg, state.eta),
     )
+    parts.par.combine_normalisers(parts.collector)
+    rollout = rollout._replace(episodes=parts.par.union_episodes(rollout.episodes))
     state.global_step += cfg.batch_size
     b = rollout.batch
     with torch.no_grad():
@@ -466,7 +490,10 @@ def meta_step(
     result = None
     if mg.score is not None:
         b = 0.0 if mg.score == "magic_box" or state.baseline is None else state.baseline
-        weight = score_weight(data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex)
+        sigma = parts.par.union_std(data.adv_ex)  # the union's, as its score term needs
+        weight = score_weight(
+            data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex, sigma
+        )
     if mg.unroll != "none":
         graph = rec.graph or start_unroll(cfg, parts, rec)  # a resumed run re-runs the unroll
         result = graph.finish(
@@ -475,9 +502,11 @@ def meta_step(
             score_weight=weight,
             magic_box=mg.score == "magic_box",
         )
+        result = parts.par.combine_meta(result)  # averaged over the workers (score: summed)
 
     def eq17() -> Params:
-        return eq17_gradient(parts.problem, state.theta, rec.eta, outer, theta_den, rec.eta)
+        g = eq17_gradient(parts.problem, state.theta, rec.eta, outer, theta_den, rec.eta)
+        return dict(parts.par.average_(g))
 
     grad, named = mg.apply(meta_grads.MetaGradContext(result, eq17))
     diag = dict(result.diagnostics) if result is not None else {}
@@ -493,15 +522,17 @@ def start_unroll(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> PendingM
     mg, tx = parts.meta_grad, parts.theta_tx
     if rec.schedule is not None:  # the schedule it ran under (--total-steps may have changed)
         restart, n = rec.schedule
-        tx = make_optimizer(
-            cfg.lr,
-            cfg.steps_per_round,
-            n,
-            cfg.anneal_lr,
-            cfg.max_grad_norm,
-            cfg.adam_eps,
-            cfg.adam_eps_root,
-            restart,
+        tx = parts.par.averaged(
+            make_optimizer(
+                cfg.lr,
+                cfg.steps_per_round,
+                n,
+                cfg.anneal_lr,
+                cfg.max_grad_norm,
+                cfg.adam_eps,
+                cfg.adam_eps_root,
+                restart,
+            )
         )
     state = optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)
     if mg.unroll == "round":
@@ -529,7 +560,11 @@ def reward_scale(collector: Collector) -> float:
 
 
 def score_weight(
-    episodes: Any, baseline: float, reward_scale: float, adv_ex: Tensor
+    episodes: Any,
+    baseline: float,
+    reward_scale: float,
+    adv_ex: Tensor,
+    adv_std: Tensor | float | None = None,
 ) -> float | None:
     r"""The sampling-aware term's weight ``w`` in ``grad_eta [w log p(tau_k)]`` (loss units).
 
@@ -541,12 +576,13 @@ def score_weight(
 
     with ``s`` the reward scaler's factor (advantages are of scaled rewards) and the minus
     sign because gradients are of ``L_out = -J``. ``None`` when no episode ended in the batch.
+    ``adv_std`` replaces ``adv_ex.std()`` (with several workers: the union's).
     """
     if not episodes.returns:
         return None
     j_hat = float(np.mean(episodes.returns))
     horizon = float(np.mean(episodes.lengths))
-    sigma = float(adv_ex.std()) + 1e-8
+    sigma = float(adv_ex.std() if adv_std is None else adv_std) + 1e-8
     return -reward_scale * (j_hat - baseline) / (sigma * horizon)
 
 
@@ -576,9 +612,10 @@ def policy_round(
         assert rec.graph is not None
         state.theta, state.theta_state = rec.graph.theta_next, rec.graph.opt_state
     else:
+        problem, tx = parts.plain_round or (parts.problem, parts.theta_tx)
         res = unroll(
-            parts.problem,
-            parts.theta_tx,
+            problem,
+            tx,
             state.theta,
             EtaPaths.shared(state.eta),
             [Round(rec.batch, rec.minibatches)],
@@ -745,6 +782,8 @@ def train(
         s.recent = (s.recent + data.rollout.episodes.returns)[-20:]
         run.log(s.global_step, row, progress)
         run.maybe_checkpoint(s.iteration, lambda: s.to_checkpoint(parts, cfg))
+    tensors = [*s.theta.values(), *s.eta.values(), s.critics.flat]
+    parts.par.check_same(tensors, "theta, eta and the critics")
     run.checkpoint(s.to_checkpoint(parts, cfg))
     return run.finish(
         parts.collector, {"meta_grad": cfg.meta_grad}, s.global_step, s.iteration, s.recent

@@ -22,6 +22,7 @@ from metagrad_rl.envs import check_env_id
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, params_of
 from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout
+from metagrad_rl.trainers import parallel
 from metagrad_rl.trainers.common import (
     FlatParams,
     PPOCoefs,
@@ -182,6 +183,8 @@ class PPOParts:
     tx: Any
     collector: Collector
     update_gen: torch.Generator
+    par: parallel.Parallel = field(default_factory=parallel.Parallel)
+    """This worker (seeds, averaged optimizer, combined normalisers; no-op in one process)."""
 
 
 @dataclass
@@ -223,19 +226,26 @@ class PPOState:
         torch.set_rng_state(ckpt["torch_rng"])
         self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
         self.recent = list(ckpt["recent_returns"])
+        parts.par.resumed_normalisers(parts.collector)
 
 
 def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
-    """Networks, optimizer and envs of ``cfg``, and the state at step 0."""
-    collector = collector_for(cfg)
+    """Networks, optimizer and envs of ``cfg``, and the state at step 0.
+
+    With several workers: envs, action noise and minibatch order seeded per rank, the
+    gradient averaged first in the optimizer, the networks rank 0's (:mod:`.parallel`).
+    """
+    par = parallel.current()
+    collector = collector_for(cfg, par.seed(cfg.seed))
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
     policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
     critic = Critic(obs_dim, cfg.hidden)
     params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
-    tx = optimizer_for(cfg, restart=lr_restart)
-    gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
-    parts = PPOParts(policy, critic, tx, collector, gen)
+    par.sync_([params.flat])
+    tx = par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True)
+    gen = torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003)
+    parts = PPOParts(policy, critic, tx, collector, gen, par)
     return parts, PPOState(params, tx.init((params.flat,)), lr_restart)
 
 
@@ -246,6 +256,8 @@ def collect(cfg: PPOConfig, parts: PPOParts, state: PPOState) -> tuple[Rollout, 
     rollout = collect_rollout(
         parts.collector, parts.policy, views["theta"], parts.critic, views["critic"], cfg.num_steps
     )
+    parts.par.combine_normalisers(parts.collector)
+    rollout = rollout._replace(episodes=parts.par.union_episodes(rollout.episodes))
     state.global_step += cfg.batch_size
     b: Batch = rollout.batch
     with torch.no_grad():
@@ -297,5 +309,6 @@ def train(
         s.recent = (s.recent + rollout.episodes.returns)[-20:]
         run.log(s.global_step, {**episode_row(s.iteration, rollout.episodes), **stats}, progress)
         run.maybe_checkpoint(s.iteration, lambda: s.to_checkpoint(parts, cfg))
+    parts.par.check_same([s.params.flat], "the policy and critic parameters")
     run.checkpoint(s.to_checkpoint(parts, cfg))
     return run.finish(parts.collector, {}, s.global_step, s.iteration, s.recent)

@@ -16,8 +16,9 @@ A trainer's ``train`` is::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from metagrad_rl.logging import (
     write_run_config,
     write_summary,
 )
+from metagrad_rl.trainers import parallel
 
 Progress = Callable[[int, dict[str, Any]], None]
 
@@ -80,15 +82,28 @@ def lr_restart_of(ckpt: Mapping[str, Any] | None, cfg: Any) -> int:
 
 def begin(algo: str, cfg: Any, out: str | Path, resume: bool) -> dict[str, Any] | None:
     """Before any work: the checkpoint to resume (checked against ``cfg``) or ``None``; sets
-    torch's threads and seed (so that the trainer's setup initialises networks the same way)."""
-    ckpt = load_checkpoint(resume_checkpoint(out)) if resume else None
-    if ckpt is not None:
-        if ckpt.get("algo", algo) != algo:
-            raise ConfigError(f"algo={algo!r} differs from the resumed run's {ckpt.get('algo')!r}")
-        check_resume_config(ckpt["config"], cfg)
-        check_new_steps(ckpt, cfg, out)
+    torch's threads and seed (so that the trainer's setup initialises networks the same way).
+
+    With several workers rank 0 reads and checks the checkpoint and sends each worker its part
+    (:meth:`~metagrad_rl.trainers.parallel.Parallel.scatter_checkpoint`)."""
+    par = parallel.current()
+
+    def load() -> dict[str, Any] | None:
+        ckpt = load_checkpoint(resume_checkpoint(out)) if resume else None
+        if ckpt is not None:
+            if ckpt.get("algo", algo) != algo:
+                raise ConfigError(
+                    f"algo={algo!r} differs from the resumed run's {ckpt.get('algo')!r}"
+                )
+            check_resume_config(ckpt["config"], cfg)
+            check_new_steps(ckpt, cfg, out)
+            par.check_workers(ckpt, str(out))
+        return ckpt
+
+    ckpt = par.scatter_checkpoint(par.main_first(load))
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
+    par.same_memory_budget()
     return ckpt
 
 
@@ -99,21 +114,30 @@ class Run:
     algo: str
     cfg: Any
     path: Path
-    logger: RunLogger
+    logger: RunLogger | None
+    """``None`` on the workers other than rank 0: only rank 0 writes files."""
     ckpt: dict[str, Any] | None
     lr_restart: int = 0
     """The iteration at which the learning-rate annealing (re)started (:func:`lr_restart_of`)."""
+    par: parallel.Parallel = field(default_factory=parallel.Parallel)
+    start: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def open(cls, algo: str, cfg: Any, out: str | Path, ckpt: dict[str, Any] | None) -> Run:
         """Prepares ``out`` (after :func:`begin` and the trainer's setup), writes
-        ``config.json`` and opens ``progress.csv`` (cut back to the checkpoint on resume)."""
-        path = prepare_run_dir(out, ckpt is not None)
-        write_run_config(path, algo, C.to_dict(cfg))
+        ``config.json`` and opens ``progress.csv`` (cut back to the checkpoint on resume);
+        on rank 0 only when there are several workers."""
+        par = parallel.current()
         step = int(ckpt["global_step"]) if ckpt is not None else None
-        return cls(
-            algo, cfg, path, RunLogger(path, resume_step=step), ckpt, lr_restart_of(ckpt, cfg)
-        )
+
+        def open_dir() -> tuple[Path, RunLogger]:
+            path = prepare_run_dir(out, ckpt is not None)
+            write_run_config(path, algo, C.to_dict(cfg))
+            return path, RunLogger(path, resume_step=step)
+
+        opened = par.main_first(open_dir)
+        path, logger = opened if opened is not None else (Path(out), None)
+        return cls(algo, cfg, path, logger, ckpt, lr_restart_of(ckpt, cfg), par)
 
     def keep_going(self, iteration: int, global_step: int, stop_at_step: int | None) -> bool:
         """``True`` while iterations remain and ``stop_at_step`` (an interruption) is not hit."""
@@ -122,15 +146,23 @@ class Run:
         return bool(iteration < self.cfg.num_iterations)
 
     def log(self, global_step: int, row: dict[str, Any], progress: Progress | None) -> None:
-        """Appends one ``progress.csv`` row (with ``steps_per_sec``) and reports it."""
+        """Appends one ``progress.csv`` row (with ``steps_per_sec``) and reports it (rank 0)."""
+        if self.logger is None:
+            return
+        if self.par.distributed:  # steps summed over the workers
+            row = {**row, "all_workers_step": global_step * self.par.world_size}
         full = self.logger.log(global_step, self.cfg.batch_size, row)
         if progress is not None:
             progress(global_step, full)
 
     def checkpoint(self, payload: Mapping[str, Any]) -> None:
-        """Writes ``checkpoint.pt`` atomically (algo and config are added)."""
-        full = {"algo": self.algo, "config": C.to_dict(self.cfg), **payload}
-        save_checkpoint(self.path / CHECKPOINT_FILE, full)
+        """Writes ``checkpoint.pt`` atomically (algo and config are added); with several
+        workers every worker calls it and rank 0 writes all workers' states."""
+        full = self.par.gather_checkpoint(
+            {"algo": self.algo, "config": C.to_dict(self.cfg), **payload}
+        )
+        if full is not None:
+            save_checkpoint(self.path / CHECKPOINT_FILE, full)
 
     def maybe_checkpoint(self, iteration: int, payload: Callable[[], Mapping[str, Any]]) -> None:
         """Checkpoints every ``checkpoint_every`` iterations (``payload`` is built only then)."""
@@ -156,9 +188,11 @@ class Run:
             "global_step": global_step,
             "finished": finished,
             "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
-            "wall_time_s": self.logger.elapsed(),
+            "wall_time_s": time.perf_counter() - self.start,
         }
-        if finished:
+        if self.par.distributed:
+            summary["num_workers"] = self.par.world_size
+        if finished and self.logger is not None:
             write_summary(self.path, summary)
         collector.envs.close()
         return summary
