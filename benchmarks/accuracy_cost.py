@@ -304,7 +304,24 @@ def table(summ: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+#: The estimators on the plot (the table has every term subset too), one colour each.
+PLOTTED = {
+    "eq17": "tab:grey",
+    "lirpg-lookahead": "tab:olive",
+    "three-term-lookahead": "tab:cyan",
+    "truncated-k1": "#c6dbef",
+    "truncated-k8": "#6baed6",
+    "truncated-k32": "#2171b5",
+    "truncated-k320": "#08306b",
+    "eq13": "tab:green",
+    "exact": "tab:red",
+    "constant-clip-factor": "tab:purple",
+}
+
+
 def plot(summ: Sequence[Row], path: Path) -> None:
+    """Cosine with the exact total against time, one colour per estimator, one panel per
+    inner optimizer; circles R = 1, squares R = 2 (truncated-k640 is R = 2's exact)."""
     import io
 
     import matplotlib
@@ -313,29 +330,30 @@ def plot(summ: Sequence[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    names = sorted({s["estimator"] for s in summ})
-    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
     for ax, opt in zip(axes, ("adam", "sgd")):
         for s in summ:
-            if s["optimizer"] != opt or not math.isfinite(s["x_plain"]):
+            colour = PLOTTED.get(s["estimator"])
+            if s["optimizer"] != opt or colour is None or not math.isfinite(s["x_plain"]):
                 continue
             ax.scatter(
                 s["x_plain"],
                 s["cos_mean"],
-                color=colours[s["estimator"]],
+                color=colour,
                 marker="o" if s["R"] == 1 else "s",
-                s=40,
-                label=s["estimator"] if s["R"] == 1 or opt == "sgd" else None,
+                s=50,
+                edgecolors="black",
+                linewidths=0.4,
             )
         ax.set_xscale("log")
         ax.set_xlabel("time / one plain policy round")
         ax.set_title(f"inner optimizer: {opt} (circle R = 1, square R = 2)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cosine with the exact total (mean over checkpoints)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=c, label=n) for n, c in PLOTTED.items()
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
