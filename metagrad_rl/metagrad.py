@@ -25,6 +25,7 @@ direction ``-grad``); the paper's ``dJ_ex/deta`` is their negative.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -275,34 +276,17 @@ class PendingMetaGradient:
         if loglik is not None and score_weight is not None:
             groups = list(paths) if self.terms else [paths.outer]
             objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
-            parts = _grads_many(objective, groups, retain_graph=True)
-            score = _add(*parts)
+            score = _add(*_grads_many(objective, groups, retain_graph=True))
         if self.terms:
-            g11, g12, g13, g14 = _grads_many(loss, list(paths))
-            total = _add(g11, g12, g13, g14)
-            split: dict[str, Params] = dict(zip(TERMS, (g11, g12, g13, g14)))
+            split: dict[str, Params] = dict(zip(TERMS, _grads_many(loss, list(paths))))
+            total = _add(*split.values())
         else:
-            total = _grads(loss, paths.outer)
-            split = {}
+            total, split = _grads(loss, paths.outer), {}
         elapsed = self._t_unroll + time.perf_counter() - t0
         self._check_backward(total, score)
-        g17 = eq17_gradient(
-            problem,
-            self.theta_next,
-            eta,
-            outer_batch,
-            {k: v.detach() for k, v in theta_den.items()},
-            eta,
-        )
-        diag = diagnostics_of({**split, "eq17": g17}, total)
-        diag["time_s"] = elapsed
-        diag["inner_steps"] = float(sum(len(r.minibatches) for r in self.rounds))
-        steps = diag["inner_steps"]
-        diag["differentiated_steps"] = steps if self.truncate is None else min(self.truncate, steps)
-        diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else float("nan")
-        if score is not None:
-            diag["norm_score"] = float(flatten(score).norm())
-            diag["cos_score_total"] = _cos(flatten(score), flatten(total))
+        theta_den = {k: v.detach() for k, v in theta_den.items()}
+        g17 = eq17_gradient(problem, self.theta_next, eta, outer_batch, theta_den, eta)
+        diag = self._diagnostics({**split, "eq17": g17}, total, score, elapsed)
         return MetaGradResult(
             eq11=split.get("eq11"),
             eq12=split.get("eq12"),
@@ -317,6 +301,21 @@ class PendingMetaGradient:
             score=score,
             notes=self.notes,
         )
+
+    def _diagnostics(
+        self, terms: Mapping[str, Params], total: Params, score: Params | None, elapsed: float
+    ) -> dict[str, float]:
+        """Norms and cosines of the terms, time, steps (all and differentiated), graph bytes."""
+        diag = diagnostics_of(terms, total)
+        steps = float(sum(len(r.minibatches) for r in self.rounds))
+        diag["time_s"] = elapsed
+        diag["inner_steps"] = steps
+        diag["differentiated_steps"] = steps if self.truncate is None else min(self.truncate, steps)
+        diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else math.nan
+        if score is not None:
+            diag["norm_score"] = float(flatten(score).norm())
+            diag["cos_score_total"] = _cos(flatten(score), flatten(total))
+        return diag
 
     def _check_backward(self, total: Params, score: Params | None) -> None:
         """Every forward value was finite (checked on the way); name a non-finite backward."""
