@@ -103,10 +103,13 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot",
         help="plot learning curves of run directories",
-        description="Learning curves (mean and +-1 std over seeds, grouped by algo and env).",
+        description="Learning curves: mean and +-1 std over seeds; runs are grouped by every "
+        "config.json field that differs between them (seed aside), one panel per env.",
     )
     plot.add_argument("runs", nargs="+", metavar="DIR", help="run directories (train --out)")
-    plot.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
+    plot.add_argument(
+        "--out", required=True, metavar="FILE", help="output figure (.png, .pdf or .svg)"
+    )
     plot.add_argument(
         "--metric", default="episodic_return", help="progress.csv column (default: %(default)s)"
     )
@@ -248,7 +251,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from metagrad_rl.plotting import plot_runs
 
-    path = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    path, notes = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
 
