@@ -96,6 +96,13 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh in --out, deleting an earlier run's files there",
     )
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings from a TOML or JSON file with the flags' names (e.g. total-steps = "
+        "100000; an `algo` key picks the algorithm); a run's config.json works too; flags "
+        "given on the command line win",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
     train.set_defaults(func=cmd_train)
@@ -143,6 +150,16 @@ def _peek_algo(argv: Sequence[str]) -> str:
     algo = _peek(argv, "--algo")
     if algo is not None:
         return algo
+    path = _peek(argv, "--config")
+    if path:
+        from metagrad_rl.config import read_config_file
+
+        try:
+            algo = read_config_file(path)[0]
+        except ConfigError:
+            algo = None  # reported when the config is read for real
+        if algo is not None:
+            return algo
     out = _peek(argv, "--out")
     if "--resume" in argv and out:
         from metagrad_rl.logging import CONFIG_FILE
@@ -159,12 +176,20 @@ def _peek_algo(argv: Sequence[str]) -> str:
 def make_train_config(args: argparse.Namespace) -> Any:
     """The config from explicit flags, on top of the resumed run's config with ``--resume``."""
     from metagrad_rl.checkpoint import load_checkpoint
-    from metagrad_rl.config import from_dict
+    from metagrad_rl.config import from_dict, read_config_file
     from metagrad_rl.logging import resume_checkpoint
     from metagrad_rl.trainers import ALGOS
 
     cls = ALGOS[args.algo].config_cls
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in args}
+    if args.config:
+        algo, from_file = read_config_file(args.config)
+        if algo is not None and algo != args.algo:
+            raise ConfigError(
+                f"--algo={args.algo!r} differs from {args.config!r}'s algo={algo!r}: expected "
+                "one of them, or the same"
+            )
+        explicit = {**from_file, **explicit}
     base: dict[str, Any] = {}
     if args.resume:
         ckpt = load_checkpoint(resume_checkpoint(args.out))
