@@ -125,6 +125,28 @@ def unit_interval(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected a number in [0, 1]")
 
 
+def torch_device(name: str, value: Any) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where torch has a CUDA device."""
+    import re
+
+    import torch
+
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{name}={value!r} is invalid: expected cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{name}={value!r} is not available: torch {torch.__version__} sees no CUDA "
+                "device here: expected cpu"
+            )
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{name}={value!r} is not available: {torch.cuda.device_count()} CUDA "
+                f"device(s) here: expected cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+
+
 def one_of(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is invalid: expected one of {', '.join(choices)}")

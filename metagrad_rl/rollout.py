@@ -228,6 +228,7 @@ def collect_rollout(
     critic_params: Mapping[str, Tensor],
     num_steps: int,
     cond: Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> Rollout:
     """Samples ``num_steps`` steps from ``pi_{theta}`` (CLN-conditioned on ``cond`` if given).
 
@@ -239,7 +240,7 @@ def collect_rollout(
         raise ConfigError(f"num_steps={num_steps!r} is invalid: expected a positive int")
     cond_d = cond.detach() if cond is not None else None
     bufs, episodes = collector.collect(NumpyPolicy(policy, theta, cond_d), num_steps)
-    t = {k: torch.from_numpy(v) for k, v in bufs.items()}
+    t = {k: torch.from_numpy(v).to(device) for k, v in bufs.items()}  # envs stay on the CPU
     with torch.no_grad():
         mean, log_std = policy_outputs(policy, theta, t["obs"], cond_d)
         logp = gaussian_log_prob(mean, log_std, t["act"])

@@ -85,6 +85,7 @@ from metagrad_rl.trainers.common import (
     optimizer_state_from_list,
     optimizer_state_to_list,
     policy_snapshot,
+    to_device,
 )
 from metagrad_rl.trainers.ppo import PPOConfig
 from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
@@ -284,8 +285,8 @@ class BilevelState:
             ),
         }
 
-    def load(self, ckpt: dict[str, Any], parts: Parts) -> None:
-        self.theta, self.eta = ckpt["theta"], ckpt["eta"]
+    def load(self, ckpt: dict[str, Any], parts: Parts, device: str = "cpu") -> None:
+        self.theta, self.eta = to_device(ckpt["theta"], device), to_device(ckpt["eta"], device)
         self.critics.load_state_dict(ckpt["critics"])
         self.theta_state = optimizer_state_from_list(self.theta_state, ckpt["theta_state"])
         self.critic_state = optimizer_state_from_list(self.critic_state, ckpt["critic_state"])
@@ -294,7 +295,7 @@ class BilevelState:
         parts.update_gen.set_state(ckpt["update_gen"])
         torch.set_rng_state(ckpt["torch_rng"])
         self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
-        self.pending = RoundRecord.from_checkpoint(ckpt["pending"])
+        self.pending = RoundRecord.from_checkpoint(to_device(ckpt["pending"], device))
         self.baseline = ckpt.get("baseline")
         self.recent = list(ckpt["recent_returns"])
 
@@ -351,8 +352,9 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         update_gen=torch.Generator().manual_seed(cfg.seed + 2_000_003),
         meta_grad=meta_grads.get(cfg.meta_grad),
     )
-    theta, eta = detach_state(params_of(policy)), detach_state(params_of(reward_net))
-    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
+    theta = to_device(detach_state(params_of(policy)), cfg.device)
+    eta = to_device(detach_state(params_of(reward_net)), cfg.device)
+    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)}, cfg.device)
     state = BilevelState(
         theta=theta,
         eta=eta,
@@ -401,6 +403,7 @@ def collect(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> Collected:
         views["v_mix"],
         cfg.num_steps,
         _condition(cfg, state.eta),
+        device=cfg.device,
     )
     state.global_step += cfg.batch_size
     b = rollout.batch
@@ -685,6 +688,7 @@ def intrinsic_episode_returns(r_in: Tensor, episode_end: Tensor) -> list[float]:
 
 def intrinsic_stats(r_in: Tensor, episode_end: Tensor) -> dict[str, Any]:
     """The intrinsic reward's statistics on ``tau_k`` (per step, and summed per episode)."""
+    r_in, episode_end = r_in.cpu(), episode_end.cpu()  # a loop of scalar reads
     ret = intrinsic_episode_returns(r_in, episode_end)
     return {
         "intrinsic_return": float(np.mean(ret)) if ret else "",
@@ -721,7 +725,7 @@ def train(
     parts, s = build(cfg, lr_restart_of(ckpt, cfg))
     run = Run.open(algo, cfg, out, ckpt)
     if ckpt is not None:
-        s.load(ckpt, parts)
+        s.load(ckpt, parts, cfg.device)
     while run.keep_going(s.iteration, s.global_step, stop_at_step):
         data = collect(cfg, parts, s)  # tau_k ~ pi_{theta_k, eta_i}
         step = validation_round(cfg, parts, s, data)  # Eq 24: eta_i -> eta_{i+1}

@@ -52,7 +52,9 @@ class FlatParams:
       differentiable optimizer step).
     """
 
-    def __init__(self, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
+    def __init__(
+        self, groups: Mapping[str, Mapping[str, Tensor]], device: torch.device | str = "cpu"
+    ) -> None:
         self.spec: list[tuple[str, str, torch.Size, int, int]] = []
         chunks = []
         offset = 0
@@ -62,7 +64,7 @@ class FlatParams:
                 self.spec.append((g, name, p.shape, offset, n))
                 chunks.append(p.detach().reshape(-1))
                 offset += n
-        self.flat = torch.cat(chunks).clone()
+        self.flat = torch.cat(chunks).to(device, copy=True)
         self._leaves = self.views(self.flat.detach())
         for group in self._leaves.values():
             for t in group.values():
@@ -78,7 +80,7 @@ class FlatParams:
         grads = torch.autograd.grad(loss, self._leaf_list, allow_unused=True)
         return torch.cat(
             [
-                torch.zeros(t.numel()) if g is None else g.reshape(-1)
+                torch.zeros(t.numel(), device=t.device) if g is None else g.reshape(-1)
                 for g, t in zip(grads, self._leaf_list)
             ]
         )
@@ -346,7 +348,16 @@ def optimizer_state_from_list(template: Any, leaves: list[Tensor]) -> Any:
         raise ConfigError(
             f"checkpoint optimizer state has {len(leaves)} tensors: expected {len(tmpl_leaves)}"
         )
-    return torchopt.pytree.tree_unflatten(treedef, [t.clone() for t in leaves])
+    moved = [
+        t.to(ref.device, copy=True) if isinstance(ref, Tensor) else t.clone()
+        for t, ref in zip(leaves, tmpl_leaves)
+    ]
+    return torchopt.pytree.tree_unflatten(treedef, moved)
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Every tensor of a pytree (dicts, lists, tuples) moved to ``device``."""
+    return torchopt.pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +378,8 @@ def policy_snapshot(
         "act_dim": int(policy.log_std.numel()),
         "hidden": list(hidden),
         "conditioning": policy.conditioning,
-        "cond": None if cond is None else cond.detach().clone(),
-        "theta": {k: v.detach().clone() for k, v in theta.items()},
+        "cond": None if cond is None else cond.detach().cpu().clone(),
+        "theta": {k: v.detach().cpu().clone() for k, v in theta.items()},
         "obs_norm": obs_norm.state_dict(),
         "obs_norm_enabled": bool(obs_norm.enabled),
         "obs_clip": float(obs_norm.clip),

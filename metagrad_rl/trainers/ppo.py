@@ -36,7 +36,7 @@ from metagrad_rl.trainers.common import (
     policy_snapshot,
     ppo_update,
 )
-from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
+from metagrad_rl.trainers.run import Progress, Run, begin, check_tensorboard, lr_restart_of
 from metagrad_rl.unroll import minibatch_indices
 
 ALGO = "ppo"
@@ -107,6 +107,12 @@ class PPOConfig:
     """Save a checkpoint every this many iterations (0: only at the end)."""
     torch_threads: int = 1
     """torch.set_num_threads for this run (small nets are fastest on 1)."""
+    tensorboard: bool = False
+    """Also write progress.csv's scalars as TensorBoard events under <out>/tensorboard (needs
+    the optional tensorboard package: pip install 'metagrad_rl[tensorboard]')."""
+    device: str = "cpu"
+    """Torch device of the networks, updates and meta-gradient: cpu, cuda or cuda:N (the envs
+    stay on the CPU; small MuJoCo networks are usually fastest on the CPU)."""
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -117,6 +123,9 @@ class PPOConfig:
         for name in ("checkpoint_every", "max_episode_steps"):
             C.nonnegative_int(name, getattr(self, name))
         C.positive_int("torch_threads", self.torch_threads)
+        C.torch_device("device", self.device)
+        if self.tensorboard:
+            check_tensorboard()
         C.nonnegative_int("seed", self.seed)
         for name in ("lr", "clip_coef", "max_grad_norm", "adam_eps", "clip_obs", "clip_reward"):
             C.positive_float(name, getattr(self, name))
@@ -232,7 +241,7 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
     policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
     critic = Critic(obs_dim, cfg.hidden)
-    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
+    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)}, cfg.device)
     tx = optimizer_for(cfg, restart=lr_restart)
     gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     parts = PPOParts(policy, critic, tx, collector, gen)
@@ -244,7 +253,13 @@ def collect(cfg: PPOConfig, parts: PPOParts, state: PPOState) -> tuple[Rollout, 
     """A rollout of the current policy with its GAE advantages and returns."""
     views = state.params.views()
     rollout = collect_rollout(
-        parts.collector, parts.policy, views["theta"], parts.critic, views["critic"], cfg.num_steps
+        parts.collector,
+        parts.policy,
+        views["theta"],
+        parts.critic,
+        views["critic"],
+        cfg.num_steps,
+        device=cfg.device,
     )
     state.global_step += cfg.batch_size
     b: Batch = rollout.batch

@@ -29,6 +29,7 @@ from metagrad_rl.checkpoint import load_checkpoint, save_checkpoint
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.logging import (
     CHECKPOINT_FILE,
+    TENSORBOARD_DIR,
     RunLogger,
     prepare_run_dir,
     resume_checkpoint,
@@ -39,7 +40,39 @@ from metagrad_rl.logging import (
 Progress = Callable[[int, dict[str, Any]], None]
 
 #: Fields that may differ between a run and its ``--resume``.
-RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads")
+RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads", "device", "tensorboard")
+
+
+def check_tensorboard() -> None:
+    """``--tensorboard`` needs the optional ``tensorboard`` package (a one-line error if absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "tensorboard=True needs the tensorboard package, which is not installed: "
+            "pip install 'metagrad_rl[tensorboard]' (progress.csv is written either way)"
+        )
+
+
+class TensorBoard:
+    """The scalars of each ``progress.csv`` row as TensorBoard events in ``<run>/tensorboard``.
+
+    On resume, events after the resumed step are dropped (``purge_step``), as the CSV's rows are.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = None if resume_step is None else resume_step + 1  # rows after the checkpoint
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, global_step: int, row: Mapping[str, Any]) -> None:
+        for k, v in row.items():
+            if k != "global_step" and isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, global_step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def check_resume_config(saved: Mapping[str, Any], config: Any) -> None:
@@ -103,6 +136,7 @@ class Run:
     ckpt: dict[str, Any] | None
     lr_restart: int = 0
     """The iteration at which the learning-rate annealing (re)started (:func:`lr_restart_of`)."""
+    tensorboard: TensorBoard | None = None
 
     @classmethod
     def open(cls, algo: str, cfg: Any, out: str | Path, ckpt: dict[str, Any] | None) -> Run:
@@ -111,9 +145,9 @@ class Run:
         path = prepare_run_dir(out, ckpt is not None)
         write_run_config(path, algo, C.to_dict(cfg))
         step = int(ckpt["global_step"]) if ckpt is not None else None
-        return cls(
-            algo, cfg, path, RunLogger(path, resume_step=step), ckpt, lr_restart_of(ckpt, cfg)
-        )
+        board = TensorBoard(path, step) if getattr(cfg, "tensorboard", False) else None
+        logger = RunLogger(path, resume_step=step)
+        return cls(algo, cfg, path, logger, ckpt, lr_restart_of(ckpt, cfg), board)
 
     def keep_going(self, iteration: int, global_step: int, stop_at_step: int | None) -> bool:
         """``True`` while iterations remain and ``stop_at_step`` (an interruption) is not hit."""
@@ -124,6 +158,8 @@ class Run:
     def log(self, global_step: int, row: dict[str, Any], progress: Progress | None) -> None:
         """Appends one ``progress.csv`` row (with ``steps_per_sec``) and reports it."""
         full = self.logger.log(global_step, self.cfg.batch_size, row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(global_step, full)
         if progress is not None:
             progress(global_step, full)
 
@@ -160,5 +196,7 @@ class Run:
         }
         if finished:
             write_summary(self.path, summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         collector.envs.close()
         return summary
