@@ -28,6 +28,7 @@ from torch import Tensor
 from metagrad_rl.advantages import normalize
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FlatLayout
 from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_entropy, gaussian_log_prob
 from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
@@ -55,16 +56,10 @@ class FlatParams:
     def __init__(
         self, groups: Mapping[str, Mapping[str, Tensor]], device: torch.device | str = "cpu"
     ) -> None:
-        self.spec: list[tuple[str, str, torch.Size, int, int]] = []
-        chunks = []
-        offset = 0
-        for g, params in groups.items():
-            for name, p in params.items():
-                n = p.numel()
-                self.spec.append((g, name, p.shape, offset, n))
-                chunks.append(p.detach().reshape(-1))
-                offset += n
-        self.flat = torch.cat(chunks).to(device, copy=True)
+        self.groups = {g: list(params) for g, params in groups.items()}
+        named = {f"{g}/{n}": p.detach() for g, params in groups.items() for n, p in params.items()}
+        self.layout = FlatLayout(named)  # the one flatten of the project (metagrad_rl.flat)
+        self.flat = self.layout.flatten(named).to(device, copy=True)
         self._leaves = self.views(self.flat.detach())
         for group in self._leaves.values():
             for t in group.values():
@@ -76,37 +71,47 @@ class FlatParams:
         return self._leaves
 
     def flat_grad(self, loss: Tensor) -> Tensor:
-        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`spec` order)."""
-        grads = torch.autograd.grad(loss, self._leaf_list, allow_unused=True)
-        return torch.cat(
-            [
-                torch.zeros(t.numel(), device=t.device) if g is None else g.reshape(-1)
-                for g, t in zip(grads, self._leaf_list)
-            ]
-        )
+        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`flat`'s order)."""
+        return flat_grads(loss, self)[0]
 
     def views(self, flat: Tensor | None = None) -> dict[str, Params]:
         """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`), differentiable."""
-        f = self.flat if flat is None else flat
-        out: dict[str, Params] = {}
-        for g, name, shape, off, n in self.spec:
-            out.setdefault(g, {})[name] = f[off : off + n].view(shape)
-        return out
+        parts = self.layout.unflatten(self.flat if flat is None else flat)
+        return {g: {n: parts[f"{g}/{n}"] for n in names} for g, names in self.groups.items()}
 
     def state_dict(self) -> dict[str, Params]:
         """Detached copies of every group, keyed as the modules key them."""
         return {g: {k: v.detach().clone() for k, v in p.items()} for g, p in self.views().items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        named = {}
+        for key, shape in zip(self.layout.names, self.layout.shapes):
+            g, name = key.split("/", 1)
+            t = state.get(g, {}).get(name)
+            if t is None or tuple(t.shape) != tuple(shape):
+                got = None if t is None else tuple(t.shape)
+                raise ConfigError(
+                    f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
+                )
+            named[key] = t
         with torch.no_grad():
-            for g, name, shape, off, n in self.spec:
-                t = state.get(g, {}).get(name)
-                if t is None or tuple(t.shape) != tuple(shape):
-                    got = None if t is None else tuple(t.shape)
-                    raise ConfigError(
-                        f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
-                    )
-                self.flat[off : off + n] = t.reshape(-1)
+            self.flat.copy_(self.layout.flatten(named))
+
+
+def flat_grads(loss: Tensor, *params: FlatParams) -> list[Tensor]:
+    """``d loss / d flat`` of several :class:`FlatParams` in one backward pass."""
+    leaves = [t for p in params for t in p._leaf_list]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    out, i = [], 0
+    for p in params:
+        n = len(p._leaf_list)
+        parts = [
+            torch.zeros(t.numel(), device=t.device) if g is None else g.reshape(-1)
+            for g, t in zip(grads[i : i + n], p._leaf_list)
+        ]
+        out.append(torch.cat(parts))
+        i += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
