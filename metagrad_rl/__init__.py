@@ -5,6 +5,7 @@ rollout and advantages -> PPO losses -> inner unroll -> meta-gradient terms and 
 trainers -> CLI. ``docs/equations.md`` maps every equation of the paper to its function.
 """
 
+from metagrad_rl.distributed import all_reduce_sum, average_across_workers
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.estimators import magic_box, score_function_term
 from metagrad_rl.explicit import (
@@ -58,6 +59,8 @@ __all__ = [
     "PendingMetaGradient",
     "Round",
     "VerificationReport",
+    "all_reduce_sum",
+    "average_across_workers",
     "check_unroll_memory",
     "clip_grad_norm",
     "cln_condition",

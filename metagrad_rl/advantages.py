@@ -12,6 +12,8 @@ advantages through them. Termination and truncation are kept apart:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,22 @@ def gae_loop(delta: Tensor, episode_end: Tensor, discount: float) -> Tensor:
     return torch.stack(out)
 
 
-def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / (std + eps)`` over all elements (differentiable)."""
-    return (x - x.mean()) / (x.std() + eps)
+def normalize(
+    x: Tensor, eps: float = 1e-8, *, sum_over_workers: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """``(x - mean) / (std + eps)`` over all elements (differentiable); ``std`` is unbiased.
+
+    With ``sum_over_workers`` -- a differentiable sum over data-parallel workers such as
+    :func:`metagrad_rl.distributed.all_reduce_sum` -- ``mean`` and ``std`` are those of the
+    union of every worker's ``x`` (two sums: ``sum x`` with the count, then
+    ``sum (x - mean)^2``, divided by ``n - 1`` like ``torch.std``). The intrinsic advantages
+    depend on ``eta`` (Eq 13), so the statistics stay on the graph. Without it (the default) the
+    statistics are this tensor's own.
+    """
+    if sum_over_workers is None:
+        return (x - x.mean()) / (x.std() + eps)
+    count = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+    total, n = sum_over_workers(torch.stack([x.sum(), count])).unbind()
+    mean = total / n
+    var = sum_over_workers((x - mean).square().sum()) / (n - 1)
+    return (x - mean) / (var.sqrt() + eps)

@@ -99,13 +99,14 @@ def probe_bytes(
 ) -> tuple[int, int]:
     """Graph bytes of one round's ``prepare`` and of one differentiable inner step."""
     from metagrad_rl.flat import FLAT_KEY, FlatLayout
-    from metagrad_rl.unroll import inner_step, prepare_round
+    from metagrad_rl.unroll import _take, check_prepared, inner_step, prepare_round
 
     theta_k = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     eta_ = {k: v.detach().requires_grad_(True) for k, v in eta.items()}
     with GraphMemoryMeter() as m_prep:
         data = prepare_round(problem, rnd.batch, theta_k, eta_, eta_, surrogate)
-    mb = {k: v[rnd.minibatches[0]] for k, v in data.items()}
+    check_prepared(data, 0, rnd)
+    mb = _take(data, rnd.minibatches[0])
     layout = FlatLayout(theta_k)
     x = {FLAT_KEY: layout.flatten(theta_k).detach().requires_grad_(True)}
     state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)

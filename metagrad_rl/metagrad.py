@@ -13,8 +13,12 @@ With ``L_out = -J_ex`` the outer loss after the unrolled policy rounds (Eq 24) a
 
 Each term is the partial derivative along one *path* of ``eta`` (:class:`EtaPaths`): the engine
 gives every path its own leaf copy of ``eta`` and takes one backward pass, so the terms sum to
-the total derivative exactly for any optimizer (SGD, Adam, with or without clipping), any number
-of inner steps and rounds. Eq 17 (the CLN best-response gradient) is ``partial_eta L_out`` at a
+the total derivative exactly for any optimizer, any number of inner steps and rounds. "Exact"
+also needs every piece of the optimizer to stay on the graph: TorchOpt's ``clip_grad_norm``
+does not (its factor is a ``no_grad`` float), so the engine refuses it and
+:func:`metagrad_rl.optim.clip_grad_norm` is the differentiable clip to use.
+
+Eq 17 (the CLN best-response gradient) is ``partial_eta L_out`` at a
 given ``theta``: it needs no unroll. All gradients are of the *loss* ``L_out`` (descent
 direction ``-grad``); the paper's ``dJ_ex/deta`` is their negative.
 """
@@ -32,6 +36,7 @@ from torch import Tensor
 from metagrad_rl import estimators
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
+from metagrad_rl.optim import check_differentiable, sqrt_without_eps_root
 from metagrad_rl.unroll import (
     Batch,
     EtaPaths,
@@ -71,6 +76,28 @@ class MetaGradResult(NamedTuple):
     opt_state: Any
     diagnostics: dict[str, float]
     score: Params | None = None
+    #: What the caller should know about how the numbers were computed, e.g. the factors of a
+    #: graph-cutting optimizer held constant under ``allow_graph_cuts=True``. Empty normally.
+    notes: tuple[str, ...] = ()
+
+    def subset(self, names: Sequence[str]) -> Params:
+        """The sum of the named terms (``"eq11"``..``"eq14"``, ``"eq17"``, ``"score"``).
+
+        A partial meta-gradient: e.g. ``("eq11", "eq13")`` keeps the direct and the reward
+        path and drops both second-order ones. All four of Eq 11-14 give ``total``.
+        """
+        known = (*TERMS, "eq17", "score")
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise ConfigError(f"terms {bad or list(names)} are invalid: expected some of {known}")
+        parts = [getattr(self, n) for n in names]
+        missing = [n for n, p in zip(names, parts) if p is None]
+        if missing:
+            raise ConfigError(
+                f"terms {missing} were not computed: pass terms=True (Eq 11-14) or a "
+                "score_weight (score) when computing the meta-gradient"
+            )
+        return _add(*parts)
 
 
 def detach_state(state: Any) -> Any:
@@ -129,11 +156,31 @@ def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, floa
     return out
 
 
+def check_outer_batch(outer_batch: Batch | None) -> Batch:
+    """The outer batch, or ``{}`` when none is given (an ``outer_loss`` that reads no data)."""
+    if outer_batch is None or (isinstance(outer_batch, Mapping) and len(outer_batch) == 0):
+        return {}
+    check_batch("outer_batch", outer_batch)
+    return outer_batch
+
+
+def check_outer_loss(loss: Any) -> None:
+    """The outer loss is one finite number."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ConfigError(f"outer_loss returned {shape}: expected a scalar tensor")
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ConfigError(
+            f"outer_loss returned {float(loss.detach())} at theta_(k+1): the outer loss itself "
+            "is not finite (every inner step was)"
+        )
+
+
 def eq17_gradient(
     problem: MetaProblem,
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
-    outer_batch: Batch,
+    outer_batch: Batch | None = None,
     theta_den: Mapping[str, Tensor] | None = None,
     eta_den: Mapping[str, Tensor] | None = None,
 ) -> Params:
@@ -147,7 +194,7 @@ def eq17_gradient(
     """
     check_params("theta", theta, problem.theta_spec)
     check_params("eta", eta, problem.eta_spec)
-    check_batch("outer_batch", outer_batch)
+    outer_batch = check_outer_batch(outer_batch)
     eta_leaf = {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
     theta_fixed = {k: v.detach() for k, v in theta.items()}
     loss = outer_loss_at(
@@ -181,16 +228,21 @@ class PendingMetaGradient:
         terms: bool,
         meter: GraphMemoryMeter,
         t_unroll: float,
+        optimizer: torchopt.base.GradientTransformation | None = None,
+        notes: tuple[str, ...] = (),
     ) -> None:
         self.problem, self.eta, self.rounds, self.paths = problem, eta, rounds, paths
         self._res, self.terms, self._meter, self._t_unroll = res, terms, meter, t_unroll
+        self.optimizer, self.notes = optimizer, notes
+        self._saw_zero_gradient = bool(getattr(res, "saw_zero_gradient", False))
+        self.truncate: int | None = None  # set by start_meta_gradient
         self.theta_next: Params = {k: v.detach() for k, v in res.theta.items()}
         self.opt_state: Any = detach_state(res.opt_state)
         self.theta_k: Params = {k: v.detach() for k, v in res.round_starts[-1].items()}
 
     def finish(
         self,
-        outer_batch: Batch,
+        outer_batch: Batch | None = None,
         *,
         denominator: str = "theta_k",
         score_weight: float | None = None,
@@ -206,7 +258,7 @@ class PendingMetaGradient:
         """
         if self._res is None:
             raise ConfigError("this PendingMetaGradient was finished already: start a new one")
-        check_batch("outer_batch", outer_batch)
+        outer_batch = check_outer_batch(outer_batch)
         if denominator not in DENOMINATORS:
             raise ConfigError(
                 f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}"
@@ -216,6 +268,7 @@ class PendingMetaGradient:
         with self._meter:
             theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
             loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
+            check_outer_loss(loss)
             loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
         self._res = None
         score = None
@@ -232,13 +285,7 @@ class PendingMetaGradient:
             total = _grads(loss, paths.outer)
             split = {}
         elapsed = self._t_unroll + time.perf_counter() - t0
-        bad = [k for k, g in total.items() if not bool(torch.isfinite(g).all())]
-        if bad:
-            raise ConfigError(
-                f"the meta-gradient of eta{bad} is not finite: the unroll is not differentiable "
-                "there. With torchopt.adam/rmsprop set eps_root > 0 (e.g. eps_root=1e-8): "
-                "sqrt(v) has no derivative at v = 0, which any exactly-zero gradient entry hits"
-            )
+        self._check_backward(total, score)
         g17 = eq17_gradient(
             problem,
             self.theta_next,
@@ -250,6 +297,8 @@ class PendingMetaGradient:
         diag = diagnostics_of({**split, "eq17": g17}, total)
         diag["time_s"] = elapsed
         diag["inner_steps"] = float(sum(len(r.minibatches) for r in self.rounds))
+        steps = diag["inner_steps"]
+        diag["differentiated_steps"] = steps if self.truncate is None else min(self.truncate, steps)
         diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else float("nan")
         if score is not None:
             diag["norm_score"] = float(flatten(score).norm())
@@ -266,6 +315,28 @@ class PendingMetaGradient:
             opt_state=self.opt_state,
             diagnostics=diag,
             score=score,
+            notes=self.notes,
+        )
+
+    def _check_backward(self, total: Params, score: Params | None) -> None:
+        """Every forward value was finite (checked on the way); name a non-finite backward."""
+        grads = {**total, **({f"score[{k}]": v for k, v in score.items()} if score else {})}
+        bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
+        if not bad:
+            return
+        at_zero = sqrt_without_eps_root(self.optimizer) if self.optimizer is not None else []
+        if at_zero and self._saw_zero_gradient:
+            raise ConfigError(
+                f"the backward pass gave a non-finite meta-gradient for eta{bad}: the optimizer's "
+                f"{at_zero[0]} takes sqrt(v) at v = 0 (an inner gradient entry was exactly 0), "
+                "where sqrt has no derivative; set eps_root > 0 (e.g. torchopt.adam(lr, "
+                "eps_root=1e-8))"
+            )
+        raise ConfigError(
+            f"the backward pass gave a non-finite meta-gradient for eta{bad} although every "
+            "forward value (prepare, inner losses, gradients and steps, outer loss) was finite: "
+            "a function in the losses or the optimizer has an infinite derivative at the values "
+            "reached (e.g. sqrt, norm or pow at 0)"
         )
 
     def _log_likelihood(self, starts: Sequence[Params]) -> Tensor:
@@ -282,6 +353,17 @@ class PendingMetaGradient:
         return torch.stack(terms).sum()
 
 
+def check_truncate(truncate: Any) -> None:
+    """``None`` (the whole unroll) or a number of last inner steps ``>= 0``."""
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0
+    ):
+        raise ConfigError(
+            f"truncate={truncate!r} is invalid: expected None (every inner step) or an int >= 0 "
+            "(differentiate through the last `truncate` inner steps only)"
+        )
+
+
 def start_meta_gradient(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
@@ -295,12 +377,16 @@ def start_meta_gradient(
     memory_budget_bytes: int | None = None,
     measure_memory: bool = False,
     flat_params: bool = True,
+    allow_graph_cuts: bool = False,
+    truncate: int | None = None,
 ) -> PendingMetaGradient:
     """The first half of :func:`meta_gradient`: validate, check memory, unroll (graph kept)."""
     check_optimizer(optimizer)
+    cuts = check_differentiable(optimizer, allow_graph_cuts)
     check_params("theta", theta, problem.theta_spec)
     check_params("eta", eta, problem.eta_spec)
-    check_rounds(rounds)
+    rounds = check_rounds(rounds)
+    check_truncate(truncate)
     if opt_state is not None and not isinstance(opt_state, tuple):
         raise ConfigError(
             f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
@@ -325,11 +411,31 @@ def start_meta_gradient(
     meter = GraphMemoryMeter(enabled=measure_memory)
     with meter:
         res = unroll(
-            problem, optimizer, theta, paths, rounds, opt_state, surrogate, flat_params=flat_params
+            problem,
+            optimizer,
+            theta,
+            paths,
+            rounds,
+            opt_state,
+            surrogate,
+            flat_params=flat_params,
+            truncate=truncate,
         )
-    return PendingMetaGradient(
-        problem, eta_c, rounds, paths, res, terms, meter, time.perf_counter() - t0
+    notes = tuple(f"held constant (allow_graph_cuts=True): {why}" for why in cuts)
+    pending = PendingMetaGradient(
+        problem,
+        eta_c,
+        rounds,
+        paths,
+        res,
+        terms,
+        meter,
+        time.perf_counter() - t0,
+        optimizer,
+        notes,
     )
+    pending.truncate = truncate
+    return pending
 
 
 def meta_gradient(
@@ -338,7 +444,7 @@ def meta_gradient(
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
-    outer_batch: Batch,
+    outer_batch: Batch | None = None,
     *,
     opt_state: Any = None,
     surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
@@ -347,6 +453,8 @@ def meta_gradient(
     memory_budget_bytes: int | None = None,
     measure_memory: bool = False,
     flat_params: bool = True,
+    allow_graph_cuts: bool = False,
+    truncate: int | None = None,
 ) -> MetaGradResult:
     """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
 
@@ -356,7 +464,8 @@ def meta_gradient(
         theta: policy parameters at the start of the first unrolled round (detached inside).
         eta: intrinsic-reward parameters ``eta_i``.
         rounds: the unrolled rounds, oldest first; the last is the round ``k -> k+1``.
-        outer_batch: the validation batch ``tau_{k+1}`` for Eq 24.
+        outer_batch: the validation batch ``tau_{k+1}`` for Eq 24 (``None``: ``outer_loss``
+            gets ``{}``, for objectives that read no data).
         opt_state: the optimizer state at the first round (``optimizer.init(theta)`` if None).
         surrogate: ``"paper"`` or ``"detached"`` (:class:`InnerSurrogate`).
         denominator: ``"theta_k"`` (the paper's Eq 24) or ``"theta_k+1"``.
@@ -368,8 +477,22 @@ def meta_gradient(
         flat_params: let the optimizer update ``theta`` as one flat vector (same numbers for
             element-wise optimizers and global-norm clipping, fewer ops; see
             :mod:`metagrad_rl.flat`). Use ``False`` for per-tensor transformations.
+        allow_graph_cuts: accept an optimizer with a part known to leave the autograd graph
+            (TorchOpt's ``clip_grad_norm``, ``use_accelerated_op=True``); its factors are then
+            constants in the derivative, which is not the derivative of the update that ran,
+            and ``result.notes`` says so. By default such an optimizer is a ``ConfigError``
+            naming the differentiable replacement (:func:`metagrad_rl.optim.clip_grad_norm`).
+        truncate: differentiate through the last ``truncate`` inner steps only (truncated
+            backpropagation): ``theta`` and the optimizer state where they begin are constants,
+            so the result is the exact derivative of that function (see
+            :func:`metagrad_rl.unroll.unroll`); ``None`` (default) differentiates every step.
+
+    Raises:
+        ConfigError: bad input, a graph-cutting optimizer, or a non-finite value; the message
+            names where it first appeared (the input ``eta``, ``prepare`` of round r, the inner
+            loss, gradient or step at round r / step j, the outer loss, or the backward pass).
     """
-    check_batch("outer_batch", outer_batch)
+    outer_batch = check_outer_batch(outer_batch)
     if denominator not in DENOMINATORS:
         raise ConfigError(f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}")
     pending = start_meta_gradient(
@@ -384,5 +507,7 @@ def meta_gradient(
         memory_budget_bytes=memory_budget_bytes,
         measure_memory=measure_memory,
         flat_params=flat_params,
+        allow_graph_cuts=allow_graph_cuts,
+        truncate=truncate,
     )
     return pending.finish(outer_batch, denominator=denominator)

@@ -105,9 +105,7 @@ def clip_grad_norm(
             return updates, state
         scale = max_norm / (global_norm(updates, norm_type) + eps)
         factor = torch.clamp(scale, max=1.0)
-        state = ClipByGlobalNormState(
-            state.fired + (scale.detach() < 1.0).long(), state.steps + 1
-        )
+        state = ClipByGlobalNormState(state.fired + (scale.detach() < 1.0).long(), state.steps + 1)
         if inplace:
             return torchopt.pytree.tree_map(lambda g: g.mul_(factor), updates), state
         return torchopt.pytree.tree_map(lambda g: g * factor, updates), state
@@ -136,9 +134,36 @@ def _children(tx: Any) -> list[GradientTransformation]:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        values = value if isinstance(value, tuple | list) else (value,)
-        found += [v for v in values if isinstance(v, GradientTransformation)]
+        if isinstance(value, GradientTransformation):  # a NamedTuple itself: test it first
+            found.append(value)
+        elif isinstance(value, tuple | list):
+            found += [v for v in value if isinstance(v, GradientTransformation)]
     return found
+
+
+def transforms(tx: GradientTransformation) -> list[GradientTransformation]:
+    """``tx`` and every transformation inside it, each once (chains, aliases' closures)."""
+    out: list[GradientTransformation] = []
+    stack, seen = [tx], set()
+    while stack:
+        t = stack.pop()
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+            stack += _children(t)
+    return out
+
+
+def closure_vars(fn: Any) -> dict[str, Any]:
+    """The variables a TorchOpt ``update_fn`` closes over (its hyperparameters)."""
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    out = {}
+    for name, cell in zip(names, getattr(fn, "__closure__", None) or ()):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            pass
+    return out
 
 
 def graph_cuts(tx: GradientTransformation) -> list[str]:
@@ -147,18 +172,28 @@ def graph_cuts(tx: GradientTransformation) -> list[str]:
     Walks ``torchopt.chain`` and the chains inside TorchOpt's aliases (``adam``, ``adamw``, ...)
     and matches their update functions against the transforms known to cut the graph.
     """
+    keys = [
+        (getattr(t.update, "__module__", ""), getattr(t.update, "__qualname__", ""))
+        for t in transforms(tx)
+    ]
+    return [_GRAPH_CUTS[k] for k in keys if k in _GRAPH_CUTS]
+
+
+def sqrt_without_eps_root(tx: GradientTransformation) -> list[str]:
+    """The parts of ``tx`` whose denominator is ``sqrt(v)`` with nothing added under the root.
+
+    ``sqrt`` has no derivative at 0, and ``v`` is exactly 0 wherever every gradient so far was
+    exactly 0 in that entry: a backward pass through such a step is ``inf * 0 = NaN``.
+    TorchOpt's Adam family takes ``eps_root`` for this; RMSProp and its centred form have none.
+    """
     out: list[str] = []
-    stack, seen = [tx], set()
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        fn = t.update
-        why = _GRAPH_CUTS.get((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")))
-        if why is not None:
-            out.append(why)
-        stack += _children(t)
+    for t in transforms(tx):
+        qual = getattr(t.update, "__qualname__", "")
+        if qual.startswith(("_scale_by_adam.", "_scale_by_accelerated_adam.")):
+            if not closure_vars(t.update).get("eps_root", 0.0):
+                out.append("Adam (eps_root=0)")
+        elif qual.startswith(("_scale_by_rms.", "_scale_by_stddev.")):
+            out.append(qual.split(".")[0].lstrip("_"))
     return out
 
 

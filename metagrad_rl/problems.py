@@ -18,7 +18,7 @@ with keys :data:`OUTER_KEYS`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
@@ -57,8 +57,14 @@ def ppo_meta_problem(
     r_in_coef: float = 1.0,
     ent_coef: float = 0.0,
     normalize_advantages: bool = True,
+    sum_over_workers: Callable[[Tensor], Tensor] | None = None,
 ) -> MetaProblem:
-    """The paper's bilevel PPO problem for ``policy`` and ``reward_net`` (see module doc)."""
+    """The paper's bilevel PPO problem for ``policy`` and ``reward_net`` (see module doc).
+
+    ``sum_over_workers`` (e.g. :func:`metagrad_rl.distributed.all_reduce_sum`) takes the
+    advantage normalisation's mean and std over the union of the data-parallel workers'
+    minibatches (inner loss) and outer batches (outer loss); ``None``: each its own.
+    """
     if not 0.0 < clip < 1.0:
         raise ConfigError(f"clip={clip} is invalid: expected 0 < clip < 1")
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
@@ -96,7 +102,9 @@ def ppo_meta_problem(
         theta: Mapping[str, Tensor], mb: Mapping[str, Tensor], *, eta_policy: Mapping[str, Tensor]
     ) -> Tensor:
         logp = policy_log_prob(policy, theta, mb["obs"], mb["act"], eta_policy)
-        adv = normalize(mb["adv_in"]) if normalize_advantages else mb["adv_in"]
+        adv = mb["adv_in"]
+        if normalize_advantages:
+            adv = normalize(adv, sum_over_workers=sum_over_workers)
         loss = clipped_surrogate_loss(logp, mb["old_logp"], adv, clip)
         if ent_coef:
             loss = loss - ent_coef * gaussian_entropy(theta["log_std"])
@@ -113,7 +121,9 @@ def ppo_meta_problem(
         _require("outer batch", batch, OUTER_KEYS)
         logp = policy_log_prob(policy, theta, batch["obs"], batch["act"], eta_policy)
         old_logp = policy_log_prob(policy, theta_den, batch["obs"], batch["act"], eta_den)
-        adv = normalize(batch["adv_ex"]) if normalize_advantages else batch["adv_ex"]
+        adv = batch["adv_ex"]
+        if normalize_advantages:
+            adv = normalize(adv, sum_over_workers=sum_over_workers)
         return clipped_surrogate_loss(logp, old_logp.detach(), adv, clip)
 
     def log_likelihood(

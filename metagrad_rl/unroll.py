@@ -137,14 +137,80 @@ class Anchor(NamedTuple):
     eta: Params
     round_starts: list[Params]
     theta_next: Params
+    #: ``(theta, opt_state)`` where a truncated unroll starts differentiating (else ``None``).
+    cut: tuple[Params, Any] | None = None
 
 
 class UnrollResult(NamedTuple):
-    """Output of :func:`unroll`: final parameters, optimizer state, and round starts."""
+    """Output of :func:`unroll`: final parameters, optimizer state, round starts, trace."""
 
     theta: Params
     opt_state: Any
     round_starts: list[Params]
+    #: Did any inner gradient entry come out exactly 0 (where ``sqrt(v)`` of an Adam-family
+    #: optimizer without ``eps_root`` has no derivative)? Used to explain a non-finite backward.
+    saw_zero_gradient: bool = False
+
+
+class StepTrace:
+    """Per inner step, flags kept as tensors (one sync per round, not one per step).
+
+    ``loss finite``, ``gradient finite``, ``theta finite after the step``, ``gradient has an
+    exact zero``, and ``max |theta|`` before the step; :meth:`check` names the first step at
+    which a value stopped being finite, and whether ``theta`` had run away before it.
+    """
+
+    #: ``max |theta|`` above which a non-finite value is blamed on a diverging optimizer.
+    RUNAWAY = 1e15
+
+    def __init__(self) -> None:
+        self.flags: list[Tensor] = []
+        self.sizes: list[Tensor] = []
+        self.where: list[tuple[int, int]] = []
+        self.losses: list[Tensor] = []
+
+    def record(
+        self, r: int, j: int, loss: Tensor, grads: Sequence[Tensor], before: Params, x: Params
+    ) -> None:
+        self.where.append((r, j))
+        self.losses.append(loss.detach())
+        self.sizes.append(torch.stack([v.detach().abs().max() for v in before.values()]).max())
+        self.flags.append(
+            torch.stack(
+                [
+                    torch.isfinite(loss.detach()),
+                    torch.stack([torch.isfinite(g.detach()).all() for g in grads]).all(),
+                    torch.stack([torch.isfinite(v.detach()).all() for v in x.values()]).all(),
+                    torch.stack([(g.detach() == 0).any() for g in grads]).any(),
+                ]
+            )
+        )
+
+    def check(self) -> bool:
+        """Raise :class:`ConfigError` at the first non-finite value; return ``saw_zero``."""
+        if not self.flags:
+            return False
+        flags = torch.stack(self.flags).cpu()
+        ok = flags[:, :3].all(dim=1)
+        if bool(ok.all()):
+            return bool(flags[:, 3].any())
+        i = int((~ok).nonzero()[0])
+        (r, j), loss, size = self.where[i], float(self.losses[i]), float(self.sizes[i])
+        at = f"round {r}, inner step {j}"
+        if size > self.RUNAWAY or not bool(flags[i, 2]) and bool(flags[i, :2].all()):
+            raise ConfigError(
+                f"theta became non-finite at {at}: the optimizer's updates diverged (max |theta| "
+                f"was {size:.3g} before this step, its loss {loss:.6g}); lower the step size"
+            )
+        if not bool(flags[i, 0]):
+            raise ConfigError(
+                f"inner_loss returned {loss} at {at}: the inner loss itself is not finite "
+                f"(max |theta| {size:.3g}; check the loss for log/sqrt/division of invalid values)"
+            )
+        raise ConfigError(
+            f"the inner gradient at {at} is not finite although the loss is ({loss:.6g}): the "
+            "inner loss has an infinite derivative there (e.g. sqrt or log at 0)"
+        )
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:
@@ -152,7 +218,36 @@ def _detached(params: Mapping[str, Tensor]) -> Params:
 
 
 def _take(data: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    return {k: v[idx] for k, v in data.items()}
+    """One minibatch of ``prepare``'s output: rows ``idx`` of each tensor (0-d ones as they are)."""
+    return {k: v if v.dim() == 0 else v[idx] for k, v in data.items()}
+
+
+def check_prepared(data: Any, r: int, rnd: Round) -> None:
+    """``prepare``'s output: a dict of finite tensors whose leading dimension the indices fit.
+
+    A 0-d tensor is a per-round quantity shared by every minibatch; anything else must have
+    the minibatch index as its leading dimension.
+    """
+    if not isinstance(data, Mapping):
+        kind = type(data).__name__
+        raise ConfigError(f"prepare returned a {kind} for round {r}: expected a dict of tensors")
+    need = 1 + max(int(idx.max()) for idx in rnd.minibatches)
+    for k, v in data.items():
+        if not isinstance(v, Tensor):
+            raise ConfigError(
+                f"prepare returned {type(v).__name__} for {k!r} (round {r}): expected a tensor"
+            )
+        if v.dim() > 0 and v.shape[0] < need:
+            raise ConfigError(
+                f"prepare returned {k!r} with shape {tuple(v.shape)} for round {r}, but the "
+                f"minibatch indices reach {need - 1}: per-sample quantities need the sample "
+                "index as their leading dimension (a 0-d tensor is shared by every minibatch)"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()):
+            raise ConfigError(
+                f"prepare returned non-finite values in {k!r} for round {r} "
+                f"({int((~torch.isfinite(v.detach())).sum())} of {v.numel()})"
+            )
 
 
 def inner_step(
@@ -164,18 +259,30 @@ def inner_step(
     eta_policy: Params,
     create_graph: bool,
     view: Callable[[Params], Params] | None = None,
+    trace: StepTrace | None = None,
+    at: tuple[int, int] = (0, 0),
 ) -> tuple[Params, Any]:
     """One differentiable TorchOpt step ``theta_j -> theta_{j+1}`` on one minibatch.
 
     ``x`` is what the optimizer updates: ``theta`` itself, or ``{"theta": flat}`` with
-    ``view`` giving the loss its dict of views (:mod:`metagrad_rl.flat`).
+    ``view`` giving the loss its dict of views (:mod:`metagrad_rl.flat`). ``trace`` records
+    whether the step's values were finite (``at`` = (round, step) names it).
     """
     theta = x if view is None else view(x)
     loss = problem.inner_loss(theta, minibatch, eta_policy=eta_policy)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ConfigError(
+            f"inner_loss returned {shape} at round {at[0]}, inner step {at[1]}: "
+            "expected a scalar tensor (reduce the per-sample losses, e.g. with .mean())"
+        )
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names], create_graph=create_graph)
     updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params=x, inplace=False)
-    return torchopt.apply_updates(x, updates, inplace=False), opt_state
+    x_next = torchopt.apply_updates(x, updates, inplace=False)
+    if trace is not None:
+        trace.record(at[0], at[1], loss, grads, x, x_next)
+    return x_next, opt_state
 
 
 def prepare_round(
@@ -212,6 +319,7 @@ def unroll(
     create_graph: bool = True,
     anchor: Anchor | None = None,
     flat_params: bool = True,
+    truncate: int | None = None,
 ) -> UnrollResult:
     """Run ``R = len(rounds)`` policy rounds as differentiable TorchOpt updates.
 
@@ -221,6 +329,11 @@ def unroll(
     denominators at another point (see :class:`Anchor`). With ``flat_params`` the optimizer
     updates one flat vector (:mod:`metagrad_rl.flat`; same result, fewer ops); ``opt_state``
     is given and returned per tensor either way.
+
+    ``truncate=k`` differentiates through the last ``k`` inner steps only: ``theta`` and the
+    optimizer state where they begin, and the round start of the round they begin in (its
+    ``prepare`` denominator), are constants; ``eta`` still enters every step and ``prepare`` in
+    the window. Values are unchanged; earlier steps run without a graph.
     """
     layout = FlatLayout(theta) if flat_params else None
     x: Params
@@ -232,25 +345,74 @@ def unroll(
         x = {FLAT_KEY: layout.flatten(theta).detach().clone().requires_grad_(True)}
         view = _flat_view(layout)
         state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+    cut = 0 if truncate is None else max(0, n_steps - truncate)
     starts: list[Params] = []
+    trace = StepTrace()
+    s = 0  # inner steps done, over all rounds
     for r, rnd in enumerate(rounds):
+        if r > 0:
+            trace.check()  # name a divergence before the next round's prepare meets it
         last = r == len(rounds) - 1
         eta_pol = paths.policy if last else paths.early
         eta_rew = paths.reward if last else paths.early
+        if s == cut and cut > 0:  # the window starts with this round
+            x, state = _restart(x, state, anchor, layout)
         theta_k = x if view is None else view(x)
+        if s < cut:  # this round starts before the window: its start is a constant
+            theta_k = anchor.round_starts[r] if anchor is not None else _detached(theta_k)
+            if s + len(rnd.minibatches) <= cut:  # and it ends there: no graph at all
+                eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
         starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
+        check_prepared(data, r, rnd)
         # The inner gradient must not flow into the denominator computed from theta_k:
         # give the first step its own node, equal in value.
         x = {k: v.view_as(v) for k, v in x.items()}
-        for idx in rnd.minibatches:
-            x, state = inner_step(
-                problem, tx, x, state, _take(data, idx), eta_pol, create_graph, view
-            )
+        for j, idx in enumerate(rnd.minibatches):
+            if j > 0 and s == cut:  # the window starts inside this round
+                x, state = _restart(x, state, anchor, layout)
+            graph = create_graph and s >= cut
+            mb = _take(data, idx)
+            x, state = inner_step(problem, tx, x, state, mb, eta_pol, graph, view, trace, (r, j))
+            s += 1
+    saw_zero = trace.check()
     if layout is None:
-        return UnrollResult(x, state, starts)
-    return UnrollResult(layout.unflatten(x[FLAT_KEY]), layout.unflatten_state(state), starts)
+        return UnrollResult(x, state, starts, saw_zero)
+    theta_out = layout.unflatten(x[FLAT_KEY])
+    return UnrollResult(theta_out, layout.unflatten_state(state), starts, saw_zero)
+
+
+def _restart(
+    x: Params, state: Any, anchor: Anchor | None, layout: FlatLayout | None
+) -> tuple[Params, Any]:
+    """Where a truncated unroll starts differentiating: ``theta`` and state as constants.
+
+    They are the current values, or the anchor's (for finite differences of the truncated
+    objective, whose constants must not move with ``eta``).
+    """
+    if anchor is not None and anchor.cut is not None:
+        theta_c, state_c = anchor.cut
+        if layout is None:
+            x = dict(theta_c)
+            state = state_c
+        else:
+            x = {FLAT_KEY: layout.flatten(theta_c)}
+            state = layout.flatten_state(state_c)
+    x = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+    return x, torchopt.pytree.tree_map(_detach_leaf, state)
+
+
+def prefix_rounds(rounds: Sequence[Round], n_steps: int) -> list[Round]:
+    """The rounds cut after their first ``n_steps`` inner steps in all (empty rounds dropped)."""
+    out = []
+    for rnd in rounds:
+        take = list(rnd.minibatches)[: max(0, n_steps)]
+        n_steps -= len(take)
+        if take:
+            out.append(Round(rnd.batch, take))
+    return out
 
 
 def _flat_view(layout: FlatLayout) -> Callable[[Params], Params]:
@@ -289,6 +451,7 @@ def meta_objective(
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
     anchor: Anchor | None = None,
+    truncate: int | None = None,
 ) -> Tensor:
     """``L_out(theta_{k+1}(eta), eta)``: the outer loss after the unrolled rounds.
 
@@ -297,7 +460,9 @@ def meta_objective(
     correct" ``pi_{theta_{k+1}, eta_i}``. Both are constants: taken at ``anchor`` if given,
     else at the current point (detached).
     """
-    res = unroll(problem, tx, theta, paths, rounds, opt_state, surrogate, anchor=anchor)
+    res = unroll(
+        problem, tx, theta, paths, rounds, opt_state, surrogate, anchor=anchor, truncate=truncate
+    )
     if anchor is None:
         starts, nxt, eta_den = res.round_starts, res.theta, paths.outer
     else:
@@ -314,13 +479,25 @@ def anchor_at(
     rounds: Sequence[Round],
     opt_state: Any = None,
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    truncate: int | None = None,
 ) -> Anchor:
-    """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll."""
+    """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll, and
+    for ``truncate=k`` the ``theta`` and optimizer state where the last ``k`` steps begin."""
     eta_c = _detached(eta)
-    res = unroll(
-        problem, tx, theta, EtaPaths.shared(eta_c), rounds, opt_state, surrogate, create_graph=False
-    )
-    return Anchor(eta_c, [_detached(s) for s in res.round_starts], _detached(res.theta))
+    shared = EtaPaths.shared(eta_c)
+    res = unroll(problem, tx, theta, shared, rounds, opt_state, surrogate, create_graph=False)
+    cut = None
+    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+    if truncate is not None and truncate < n_steps:
+        head = prefix_rounds(rounds, n_steps - truncate)
+        pre = unroll(problem, tx, theta, shared, head, opt_state, surrogate, create_graph=False)
+        cut = (_detached(pre.theta), torchopt.pytree.tree_map(_detach_leaf, pre.opt_state))
+    starts = [_detached(s) for s in res.round_starts]
+    return Anchor(eta_c, starts, _detached(res.theta), cut)
+
+
+def _detach_leaf(t: Any) -> Any:
+    return t.detach() if isinstance(t, Tensor) else t
 
 
 # --------------------------------------------------------------------------- validation
@@ -338,6 +515,11 @@ def check_params(
         if not isinstance(v, Tensor) or not v.is_floating_point():
             raise ConfigError(
                 f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}"
+            )
+        if not bool(torch.isfinite(v.detach()).all()):
+            n_bad = int((~torch.isfinite(v.detach())).sum())
+            raise ConfigError(
+                f"{name}[{k!r}] has {n_bad} NaN/inf values of {v.numel()}: expected finite input"
             )
     if reference is None:
         return
@@ -378,19 +560,45 @@ def check_optimizer(tx: Any) -> None:
         )
 
 
-def check_rounds(rounds: Any) -> None:
-    """At least one round, each with at least one non-empty minibatch."""
+def _as_index(idx: Any, where: str) -> Tensor:
+    """A minibatch as a 1-d integer tensor (a list or range of ints is accepted)."""
+    if not isinstance(idx, Tensor):
+        try:
+            idx = torch.as_tensor(list(idx))
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(
+                f"{where} is a {type(idx).__name__}: expected a 1-d tensor or list of int indices"
+            ) from None
+    if idx.numel() == 0:
+        raise ConfigError(f"{where} is empty: expected indices")
+    if idx.dtype in (torch.bool, torch.uint8) or idx.is_floating_point() or idx.dim() != 1:
+        raise ConfigError(
+            f"{where} has dtype {idx.dtype} and shape {tuple(idx.shape)}: expected a 1-d "
+            "integer tensor or list of int indices"
+        )
+    return idx
+
+
+def check_rounds(rounds: Any) -> list[Round]:
+    """At least one round, each with at least one non-empty minibatch.
+
+    Returns the rounds with every minibatch as a 1-d integer tensor (lists of ints are
+    accepted).
+    """
     if not isinstance(rounds, Sequence) or len(rounds) == 0:
         raise ConfigError("rounds is empty: expected at least one Round(batch, minibatches)")
+    out = []
     for r, rnd in enumerate(rounds):
         if not isinstance(rnd, Round):
             raise ConfigError(f"rounds[{r}] is a {type(rnd).__name__}: expected a Round")
         check_batch(f"rounds[{r}].batch", rnd.batch)
         if len(rnd.minibatches) == 0:
             raise ConfigError(f"rounds[{r}] has no minibatches: expected at least one step")
-        for j, idx in enumerate(rnd.minibatches):
-            if idx.numel() == 0:
-                raise ConfigError(f"rounds[{r}].minibatches[{j}] is empty: expected indices")
+        mbs = [
+            _as_index(idx, f"rounds[{r}].minibatches[{j}]") for j, idx in enumerate(rnd.minibatches)
+        ]
+        out.append(Round(rnd.batch, mbs))
+    return out
 
 
 def minibatch_indices(

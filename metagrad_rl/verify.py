@@ -1,17 +1,30 @@
-"""Let users check their own meta-objective: ``gradcheck`` and "the terms sum to the total".
+"""Let users check their own meta-objective: the total and every term against finite differences.
 
-:func:`verify_meta_gradient` runs, on the user's own problem and batches (float64):
+:func:`verify_meta_gradient` runs, on the user's own problem, optimizer and batches (float64):
 
 1. ``torch.autograd.gradcheck`` of ``eta -> L_out(theta_{k+1}(eta), eta)`` through the whole
-   TorchOpt unroll (finite differences against autograd);
-2. the four-term split of :func:`~metagrad_rl.metagrad.meta_gradient` against the total
-   computed independently with one shared ``eta`` leaf.
+   TorchOpt unroll, with a tolerance *relative to the gradient's own scale* (so an objective
+   scaled by 1e-6 is judged as strictly as one of order 1);
+2. each of Eq 11-14 against a central difference along its own path: only the ``eta`` that
+   reaches the outer loss (Eq 11), the policy conditioning of the last round (Eq 12), its
+   intrinsic advantages (Eq 13) or the earlier rounds (Eq 14) is moved, along random unit
+   directions, so the split is verified and not only its sum;
+3. the four terms against the total computed independently with one shared ``eta`` leaf.
+
+**What is held fixed, and why.** Stop-gradient quantities are constants of the function that
+autograd differentiates: the outer ratio's denominator ``pi_{theta_k, eta_i}`` (Eq 24) and,
+for ``surrogate="detached"``, the inner ratio's denominator. Finite differences must see the
+same function, so both are frozen at the ``eta`` being verified (an
+:class:`~metagrad_rl.unroll.Anchor`) while ``eta`` moves. Everything else -- the intrinsic
+advantages, the CLN conditioning, every optimizer step including the clip factor and Adam's
+moments -- moves with ``eta``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torchopt
@@ -19,8 +32,10 @@ from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.metagrad import flatten, meta_gradient
+from metagrad_rl.metagrad import TERMS, check_outer_batch, flatten, meta_gradient
+from metagrad_rl.optim import check_differentiable
 from metagrad_rl.unroll import (
+    Anchor,
     Batch,
     EtaPaths,
     InnerSurrogate,
@@ -30,6 +45,13 @@ from metagrad_rl.unroll import (
     anchor_at,
     meta_objective,
 )
+
+#: The path each term moves (the others stay at ``eta``): the fields of :class:`EtaPaths`.
+TERM_PATHS = {"eq11": "outer", "eq12": "policy", "eq13": "reward", "eq14": "early"}
+
+
+class VerificationError(AssertionError):
+    """A meta-gradient that did not match its finite differences (the report's text)."""
 
 
 def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
@@ -41,57 +63,154 @@ def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
     return out
 
 
-def meta_objective_fn(
+def path_objective(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
     theta: Mapping[str, Tensor],
-    eta: Mapping[str, Tensor],
+    anchor: Anchor,
     rounds: Sequence[Round],
     outer_batch: Batch,
     **kwargs: Any,
-) -> Callable[[Tensor], Tensor]:
-    """``vec(eta) -> L_out`` through the unroll: a plain function of one tensor for gradcheck.
+) -> Callable[[EtaPaths], Tensor]:
+    """``paths -> L_out`` through the unroll with the stop-gradient denominators at ``anchor``."""
 
-    Stop-gradient denominators are frozen at ``eta`` (an :class:`Anchor`), so finite
-    differences see the same function that autograd differentiates.
-    """
-    anchor = anchor_at(
-        problem,
-        optimizer,
-        theta,
-        eta,
-        rounds,
-        kwargs.get("opt_state"),
-        InnerSurrogate(kwargs.get("surrogate", "paper")),
-    )
-
-    def fn(eta_vec: Tensor) -> Tensor:
-        e = unflatten(eta_vec, eta)
+    def fn(paths: EtaPaths) -> Tensor:
         return meta_objective(
-            problem,
-            optimizer,
-            theta,
-            EtaPaths.shared(e),
-            rounds,
-            outer_batch,
-            anchor=anchor,
-            **kwargs,
+            problem, optimizer, theta, paths, rounds, outer_batch, anchor=anchor, **kwargs
         )
 
     return fn
 
 
-class VerificationReport(NamedTuple):
-    """Outcome of :func:`verify_meta_gradient`."""
+def path_directional_derivative(
+    objective: Callable[[EtaPaths], Tensor],
+    eta: Mapping[str, Tensor],
+    path: str | None,
+    direction: Mapping[str, Tensor],
+    h: float = 1e-5,
+) -> tuple[float, float]:
+    """Central difference of ``objective`` along ``direction`` on one path (``None``: all).
+
+    Richardson-extrapolated from steps ``h`` and ``h/2`` (error ``O(h^4)``). Returns the
+    estimate and ``|D(h) - D(h/2)|``, a bound on the finite-difference error's size.
+    """
+
+    def at(step: float) -> float:
+        moved = {k: (v + step * direction[k]).detach() for k, v in eta.items()}
+        base = {k: v.detach() for k, v in eta.items()}
+        if path is None:
+            paths = EtaPaths.shared(moved)
+        else:
+            paths = EtaPaths(**{f: moved if f == path else base for f in EtaPaths._fields})
+        return float(objective(paths).detach())
+
+    d1 = (at(h) - at(-h)) / (2 * h)
+    d2 = (at(h / 2) - at(-h / 2)) / h
+    return (4 * d2 - d1) / 3, abs(d1 - d2)
+
+
+@dataclass(frozen=True)
+class TermCheck:
+    """One term of the split against central differences along its own path."""
+
+    name: str
+    norm: float
+    share: float  # |term| / |total|
+    autograd: tuple[float, ...]  # <term, v> for each direction v
+    finite_difference: tuple[float, ...]
+    max_error: float  # max |autograd - fd| / tolerance scale (<= 1 passes)
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """Outcome of :func:`verify_meta_gradient`; ``str(report)`` is a readable table."""
 
     gradcheck_passed: bool
     gradcheck_message: str
     term_sum_max_abs_error: float
     terms_sum_to_total: bool
+    terms: dict[str, TermCheck] = field(default_factory=dict)
+    rtol: float = 0.0
+    total_norm: float = 0.0
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
-        return self.gradcheck_passed and self.terms_sum_to_total
+        terms_ok = all(t.passed for t in self.terms.values())
+        return self.gradcheck_passed and self.terms_sum_to_total and terms_ok
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`VerificationError` with this report's text unless it passed."""
+        if not self.passed:
+            raise VerificationError(str(self))
+
+    def __str__(self) -> str:
+        lines = [
+            f"meta-gradient verification: {'PASSED' if self.passed else 'FAILED'} "
+            f"(rtol {self.rtol:g}, |total| {self.total_norm:.6g})",
+            f"  total vs gradcheck: {'ok' if self.gradcheck_passed else 'FAILED'}",
+        ]
+        if not self.gradcheck_passed:
+            lines += ["    " + ln for ln in self.gradcheck_message.splitlines()]
+        lines.append(
+            f"  terms sum to the total: {'ok' if self.terms_sum_to_total else 'FAILED'} "
+            f"(max abs error {self.term_sum_max_abs_error:.3g})"
+        )
+        lines.append("  term   |term|        share   vs central differences on its path")
+        for t in self.terms.values():
+            pairs = ", ".join(
+                f"{a:.6g} vs {f:.6g}" for a, f in zip(t.autograd, t.finite_difference)
+            )
+            verdict = "ok" if t.passed else f"FAILED (error {t.max_error:.3g} x tolerance)"
+            lines.append(f"  {t.name:5}  {t.norm:<12.6g}  {t.share:<6.3f}  {verdict}: {pairs}")
+        zero = [t.name for t in self.terms.values() if t.norm == 0.0]
+        if zero:
+            lines.append(
+                f"  note: {', '.join(zero)} = 0: eta does not reach the outer loss by that path "
+                "(docs/engine.md says which keyword feeds which term)"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_float64(theta: Mapping, eta: Mapping, outer_batch: Mapping) -> None:
+    for name, d in (("theta", theta), ("eta", eta), ("outer_batch", outer_batch)):
+        for k, v in d.items():
+            if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != torch.float64:
+                raise ConfigError(f"{name}[{k!r}] is {v.dtype}: verification needs float64")
+
+
+def _gradcheck(fn: Callable[[Tensor], Tensor], x: Tensor, eps: float, atol: float, rtol: float):
+    try:
+        ok = torch.autograd.gradcheck(fn, (x,), eps=eps, atol=atol, rtol=rtol)
+        return bool(ok), "gradcheck passed"
+    except GradcheckError as e:
+        return False, str(e).strip()
+
+
+def _check_term(
+    name: str,
+    term: Params,
+    objective: Callable[[EtaPaths], Tensor],
+    eta: Mapping[str, Tensor],
+    directions: Sequence[Params],
+    total_norm: float,
+    rtol: float,
+    h: float,
+) -> TermCheck:
+    """``<term, v>`` against the central difference on the term's path, for each ``v``."""
+    ad, fd, err = [], [], 0.0
+    for v in directions:
+        a = float(flatten(term) @ flatten(v))
+        f, fd_err = path_directional_derivative(objective, eta, TERM_PATHS[name], v, h)
+        tol = rtol * max(abs(a), abs(f)) + rtol * 1e-3 * total_norm + 10 * fd_err
+        ad.append(a)
+        fd.append(f)
+        err = max(err, abs(a - f) / tol if tol > 0 else float(a != f))
+    norm = float(flatten(term).norm())
+    share = norm / total_norm if total_norm > 0 else float("nan")
+    return TermCheck(name, norm, share, tuple(ad), tuple(fd), err, err <= 1.0)
 
 
 def verify_meta_gradient(
@@ -100,33 +219,75 @@ def verify_meta_gradient(
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
-    outer_batch: Batch,
+    outer_batch: Batch | None = None,
     *,
     opt_state: Any = None,
     surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
+    rtol: float = 1e-5,
     eps: float = 1e-6,
-    atol: float = 1e-6,
-    rtol: float = 1e-4,
+    directions: int = 2,
+    h: float = 1e-5,
     sum_atol: float = 1e-10,
+    seed: int = 0,
+    allow_graph_cuts: bool = False,
+    raise_on_failure: bool = False,
+    truncate: int | None = None,
 ) -> VerificationReport:
-    """gradcheck the meta-objective and check that Eq 11-14 sum to the total.
+    """Verify the total meta-gradient and each of Eq 11-14 against finite differences.
 
     Every tensor must be float64 (finite differences in float32 cannot verify anything).
+    Tolerances are relative: gradcheck's ``atol`` is ``rtol * max|total|``; a term passes if
+    ``|<term, v> - fd| <= rtol * max(|<term, v>|, |fd|) + rtol * 1e-3 * |total| + 10 * e_fd``
+    for each of ``directions`` random unit directions ``v`` (``e_fd`` the finite difference's
+    own error estimate). What is held fixed while ``eta`` moves is in the module docstring.
+
+    Args:
+        rtol: relative tolerance of every comparison.
+        eps: gradcheck's finite-difference step; ``h``: the per-path step.
+        directions: random directions per term (seeded by ``seed``).
+        sum_atol: tolerance of "the terms sum to the total".
+        allow_graph_cuts: verify an optimizer with parts that leave the graph (see
+            :func:`metagrad_rl.metagrad.meta_gradient`); it then fails, as it should.
+        raise_on_failure: raise :class:`VerificationError` (the report's text) on failure.
+        truncate: verify the truncated meta-gradient through the last ``truncate`` inner steps
+            (its constants -- ``theta`` and optimizer state where those steps begin -- are
+            frozen at ``eta`` like the stop-gradient denominators).
     """
-    for name, d in (("theta", theta), ("eta", eta), ("outer_batch", outer_batch)):
-        for k, v in d.items():
-            if v.is_floating_point() and v.dtype != torch.float64:
-                raise ConfigError(f"{name}[{k!r}] is {v.dtype}: verification needs float64")
-    kw = dict(opt_state=opt_state, surrogate=InnerSurrogate(surrogate), denominator=denominator)
-    fn = meta_objective_fn(problem, optimizer, theta, eta, rounds, outer_batch, **kw)
+    outer_batch = check_outer_batch(outer_batch)
+    _check_float64(theta, eta, outer_batch)
+    check_differentiable(optimizer, allow_graph_cuts)
+    surrogate = InnerSurrogate(surrogate)
+    kw: dict[str, Any] = dict(
+        opt_state=opt_state, surrogate=surrogate, denominator=denominator, truncate=truncate
+    )
+    mg_kw = dict(kw, allow_graph_cuts=allow_graph_cuts)
+    split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **mg_kw)
+    whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **mg_kw)
+    total = flatten(whole.total)
+    sum_err = float((flatten(split.total) - total).abs().max())
+    total_norm = float(total.norm())
+
+    anchor = anchor_at(problem, optimizer, theta, eta, rounds, opt_state, surrogate, truncate)
+    objective = path_objective(problem, optimizer, theta, anchor, rounds, outer_batch, **kw)
     x = flatten(eta).detach().clone().requires_grad_(True)
-    try:
-        ok = torch.autograd.gradcheck(fn, (x,), eps=eps, atol=atol, rtol=rtol)
-        msg = "gradcheck passed"
-    except GradcheckError as e:
-        ok, msg = False, str(e).splitlines()[0]
-    split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **kw)
-    whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **kw)
-    err = float((flatten(split.total) - flatten(whole.total)).abs().max())
-    return VerificationReport(ok, msg, err, err <= sum_atol)
+    scale = float(total.abs().max())
+    ok, msg = _gradcheck(
+        lambda vec: objective(EtaPaths.shared(unflatten(vec, eta))), x, eps, rtol * scale, rtol
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    dirs = []
+    for _ in range(directions):
+        v = torch.randn(total.shape, generator=gen, dtype=total.dtype)
+        dirs.append(unflatten(v / v.norm(), eta))
+    checks = {
+        name: _check_term(name, getattr(split, name), objective, eta, dirs, total_norm, rtol, h)
+        for name in TERMS
+    }
+    report = VerificationReport(
+        ok, msg, sum_err, sum_err <= sum_atol, checks, rtol, total_norm, split.notes
+    )
+    if raise_on_failure:
+        report.raise_if_failed()
+    return report

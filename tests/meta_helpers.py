@@ -80,3 +80,21 @@ OPTIMIZERS = {
     "sgd": lambda: torchopt.sgd(0.05),
     "adam": lambda: torchopt.adam(0.01, eps_root=1e-10),
 }
+
+
+def inner_gradient_norms(problem, tx, theta, eta, rounds):
+    """Global norm of every inner gradient along a plain unroll with ``tx`` (no clipping)."""
+    from metagrad_rl.unroll import EtaPaths, _take, prepare_round
+
+    th = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    state, norms = tx.init(th), []
+    for rnd in rounds:
+        data = prepare_round(problem, rnd.batch, th, eta, eta, "paper")
+        data = {k: v.detach() for k, v in data.items()}
+        for idx in rnd.minibatches:
+            loss = problem.inner_loss(th, _take(data, idx), eta_policy=EtaPaths.shared(eta).policy)
+            g = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
+            norms.append(float(torch.cat([v.flatten() for v in g.values()]).norm()))
+            upd, state = tx.update(g, state, params=th, inplace=False)
+            th = {k: (th[k] + upd[k]).detach().requires_grad_(True) for k in th}
+    return norms

@@ -198,6 +198,32 @@ def test_exact_mode_applies_the_engines_total(tmp_path):
         assert flatten(ref.eq12).norm() > 0 and flatten(ref.eq13).norm() > 0
 
 
+@pytest.mark.parametrize("meta_grad", ["truncated-k1", "terms-eq12+eq13"])
+def test_truncated_and_partial_modes_apply_the_engines_numbers(tmp_path, meta_grad):
+    """truncated-k1: the engine's total with truncate=1; terms-eq12+eq13: Eq 12 + Eq 13."""
+    cfg = _config("cln", meta_grad=meta_grad)
+    steps = []
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    policy, reward = _nets(cfg)
+    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    for s in steps:
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
+        rounds = [Round(inp.batch, inp.minibatches)]
+        kw = dict(opt_state=state, terms=True)
+        full = meta_gradient(problem, tx, inp.theta, inp.eta, rounds, s.outer, **kw)
+        if meta_grad == "truncated-k1":
+            ref = meta_gradient(problem, tx, inp.theta, inp.eta, rounds, s.outer, truncate=1, **kw)
+            want = flatten(ref.total)
+            assert (want - flatten(full.total)).norm() > 1e-3 * flatten(full.total).norm()
+        else:
+            want = flatten(full.eq12) + flatten(full.eq13)
+        torch.testing.assert_close(flatten(s.grad), want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            flatten(s.theta_next), flatten(full.theta_next), rtol=0, atol=1e-6
+        )
+
+
 def test_sampling_aware_mode_applies_total_plus_score(tmp_path):
     from metagrad_rl.metagrad import start_meta_gradient
 

@@ -522,6 +522,7 @@ def start_unroll(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> PendingM
         opt_state=state,
         surrogate=cfg.surrogate,
         terms=mg.terms,
+        truncate=mg.truncate,
     )
 
 

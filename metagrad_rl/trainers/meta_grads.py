@@ -12,7 +12,9 @@ An entry says what the bilevel trainer must prepare for it and what it applies:
   baseline) or ``"magic_box"`` (the same term through DiCE's magic box, no baseline);
 - ``apply(ctx)``: the gradient to step ``eta`` with, and the named parts it is made of;
 - ``log_keys``: the ``progress.csv`` columns it fills (every one is written, empty when absent);
-- ``needs_cln``: the estimator needs a policy conditioned on ``eta`` (Eq 17 is zero otherwise).
+- ``needs_cln``: the estimator needs a policy conditioned on ``eta`` (Eq 17 is zero otherwise);
+- ``truncate``: with ``unroll="round"``, differentiate through the last ``truncate`` inner steps
+  only (truncated backpropagation, :func:`metagrad_rl.metagrad.meta_gradient`).
 
 The trainer (:mod:`metagrad_rl.trainers.bilevel`), the CLI's ``--meta-grad`` choices, the docs
 table and ``benchmarks/compare_terms`` read :data:`META_GRADS`. To add an estimator, build a
@@ -66,8 +68,13 @@ class MetaGrad:
     score: str | None = None
     log_keys: tuple[str, ...] = ()
     needs_cln: bool = False
+    truncate: int | None = None
 
     def __post_init__(self) -> None:
+        if self.truncate is not None and (self.unroll != "round" or self.truncate < 0):
+            raise ConfigError(
+                f"meta-grad {self.name!r}: truncate={self.truncate} needs unroll='round' and >= 0"
+            )
         if self.unroll not in UNROLLS:
             raise ConfigError(f"unroll={self.unroll!r} is invalid: expected one of {UNROLLS}")
         if self.score not in SCORES:
@@ -191,6 +198,49 @@ register(
         log_keys=("norm_eq17", "norm_total", "norm_score", "score_weight"),
     )
 )
+
+
+def truncated(k: int) -> MetaGrad:
+    """``truncated-k<k>``: the total through the last ``k`` inner steps of the real round."""
+    return MetaGrad(
+        f"truncated-k{k}",
+        f"the total derivative through the last {k} inner steps of the policy round "
+        "(truncated backpropagation; theta before them held constant)",
+        _exact,
+        unroll="round",
+        terms=True,
+        log_keys=TERM_KEYS,
+        truncate=k,
+    )
+
+
+def subset(names: tuple[str, ...]) -> MetaGrad:
+    """``terms-eqA+eqB``: the sum of the named terms of Eq 11-14 through the real round."""
+    bad = [n for n in names if n not in ("eq11", "eq12", "eq13", "eq14")]
+    if bad or not names:
+        raise ConfigError(f"terms {bad or list(names)} are invalid: expected some of eq11..eq14")
+
+    def apply(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
+        parts = {n: getattr(ctx.result, n) for n in names}
+        return ctx.result.subset(names), parts
+
+    return MetaGrad(
+        "terms-" + "+".join(names),
+        f"{' + '.join(n.replace('eq', 'Eq ') for n in names)} through the real policy round "
+        "(a partial exact meta-gradient)",
+        apply,
+        unroll="round",
+        terms=True,
+        log_keys=TERM_KEYS,
+        needs_cln=any(n in ("eq11", "eq12") for n in names),
+    )
+
+
+for _k in (1, 8, 32):
+    register(truncated(_k))
+# In the trainer's one-round unroll Eq 14 is 0: the subsets of Eq 11-13 are the partial ones.
+for _names in (("eq13",), ("eq12", "eq13"), ("eq11", "eq13"), ("eq11", "eq12")):
+    register(subset(_names))
 
 
 def markdown_table() -> str:
