@@ -61,11 +61,11 @@ from metagrad_rl.metagrad import (
     start_meta_gradient,
 )
 from metagrad_rl.networks import (
+    POLICIES,
     Critic,
-    GaussianPolicy,
     IntrinsicReward,
+    Policy,
     cln_condition,
-    gaussian_entropy,
     intrinsic_reward,
     params_of,
     policy_log_prob,
@@ -193,7 +193,7 @@ class LIRPGConfig(BilevelConfig):
 class Parts:
     """The fixed pieces of a bilevel run: networks (templates), optimizers, problem, envs."""
 
-    policy: GaussianPolicy
+    policy: Policy
     reward_net: IntrinsicReward
     v_mix: Critic
     v_ex: Critic
@@ -283,6 +283,8 @@ class BilevelState:
                 parts.collector.obs_norm,
                 cfg.hidden,
                 _condition(cfg, self.eta),
+                act_dim=parts.collector.envs.act_dim,
+                kind=cfg.policy,
             ),
         }
 
@@ -338,7 +340,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
     cond_dim = reward_net.condition_dim
-    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, cfg.conditioning, cond_dim)
+    policy = POLICIES[cfg.policy](obs_dim, act_dim, cfg.hidden, cfg.conditioning, cond_dim)
     v_mix, v_ex = Critic(obs_dim, cfg.hidden), Critic(obs_dim, cfg.hidden)
     parts = Parts(
         policy=policy,
@@ -368,10 +370,10 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     return parts, state
 
 
-def build_problem(cfg: BilevelConfig, policy: GaussianPolicy, reward_net: IntrinsicReward) -> Any:
+def build_problem(cfg: BilevelConfig, policy: Policy, reward_net: IntrinsicReward) -> Any:
     """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`)."""
     return ppo_meta_problem(
-        policy,
+        policy,  # type: ignore[arg-type]  # the engine types it GaussianPolicy; any Policy works
         reward_net,
         gamma=cfg.gamma,
         lam=cfg.gae_lambda,
@@ -661,7 +663,7 @@ def policy_stats(
         old = b.logp.reshape(-1)
         pg = clipped_surrogate_loss(logp, old, adv, cfg.clip_coef)
         stats = surrogate_stats(logp, old, cfg.clip_coef)
-        ent = gaussian_entropy(state.theta["log_std"])
+        ent = parts.policy.entropy(state.theta)
     return {
         "pg_loss": float(pg),
         "entropy": float(ent),

@@ -29,10 +29,10 @@ from metagrad_rl.advantages import normalize
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FlatLayout
-from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_entropy, gaussian_log_prob
+from metagrad_rl.networks import Critic, Policy
 from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
-from metagrad_rl.rollout import Batch, Collector, critic_values, policy_outputs
+from metagrad_rl.rollout import Batch, Collector, critic_values
 
 Params = dict[str, Tensor]
 
@@ -178,7 +178,7 @@ class PPOCoefs(NamedTuple):
 
 
 def ppo_loss(
-    policy: GaussianPolicy,
+    policy: Policy,
     critic: Critic,
     theta: Mapping[str, Tensor],
     critic_params: Mapping[str, Tensor],
@@ -191,14 +191,13 @@ def ppo_loss(
     Advantages are normalised per minibatch when ``coefs.norm_adv``. ``aux`` holds detached
     diagnostics (``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clip_frac``).
     """
-    mean, log_std = policy_outputs(policy, theta, mb.obs, cond)
-    logp = gaussian_log_prob(mean, log_std, mb.act)
+    logp = policy.log_prob(theta, mb.obs, mb.act, cond)
     adv = normalize(mb.adv) if coefs.norm_adv else mb.adv
     pg_loss = clipped_surrogate_loss(logp, mb.old_logp, adv, coefs.clip_coef)
     values = critic_values(critic, critic_params, mb.obs)
     v_clip = coefs.clip_coef if coefs.clip_vloss else None
     v_loss = value_loss(values, mb.returns, mb.old_values, v_clip)
-    entropy = gaussian_entropy(log_std)
+    entropy = policy.entropy(theta)
     loss = pg_loss + coefs.vf_coef * v_loss - coefs.ent_coef * entropy
     stats = surrogate_stats(logp, mb.old_logp, coefs.clip_coef)
     aux = {
@@ -225,7 +224,7 @@ def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:
 
 
 def ppo_update(
-    policy: GaussianPolicy,
+    policy: Policy,
     critic: Critic,
     params: FlatParams,
     tx: torchopt.base.GradientTransformation,
@@ -370,17 +369,20 @@ def to_device(tree: Any, device: torch.device | str) -> Any:
 # ---------------------------------------------------------------------------------------------
 def policy_snapshot(
     env_id: str,
-    policy: GaussianPolicy,
+    policy: Policy,
     theta: Mapping[str, Tensor],
     obs_norm: ObsNormalizer,
     hidden: tuple[int, ...],
     cond: Tensor | None = None,
+    act_dim: int = 0,
+    kind: str = "gaussian",
 ) -> dict[str, Any]:
     """Everything ``metagrad-rl evaluate`` needs to rebuild and run the policy."""
     return {
         "env_id": env_id,
+        "kind": kind,
         "obs_dim": int(obs_norm.rms.mean.shape[0]),
-        "act_dim": int(policy.log_std.numel()),
+        "act_dim": int(act_dim),
         "hidden": list(hidden),
         "conditioning": policy.conditioning,
         "cond": None if cond is None else cond.detach().cpu().clone(),

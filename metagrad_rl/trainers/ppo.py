@@ -20,7 +20,7 @@ from metagrad_rl import config as C
 from metagrad_rl.advantages import gae
 from metagrad_rl.envs import check_env_id
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, params_of
+from metagrad_rl.networks import POLICIES, Critic, IntrinsicReward, Policy, params_of
 from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout
 from metagrad_rl.trainers.common import (
     FlatParams,
@@ -87,6 +87,8 @@ class PPOConfig:
     """Adam epsilon."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of policy and critic (tanh)."""
+    policy: str = "gaussian"
+    """Policy family, from metagrad_rl.networks.POLICIES (gaussian: CleanRL's MLP Gaussian)."""
     conditioning: str = "none"
     """Normalisation of the policy's last hidden layer: none or layernorm (cln needs eta)."""
     reward_hidden: tuple[int, ...] = (64, 64)
@@ -134,6 +136,7 @@ class PPOConfig:
         C.unit_interval("gamma", self.gamma)
         C.unit_interval("gae_lambda", self.gae_lambda)
         C.one_of("conditioning", self.conditioning, self.CONDITIONINGS)
+        C.one_of("policy", self.policy, tuple(POLICIES))
         for name in ("hidden", "reward_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(
@@ -176,7 +179,7 @@ class PPOConfig:
     @classmethod
     def field_choices(cls) -> dict[str, tuple[str, ...]]:
         """The accepted values of the fields that take a name (the CLI's ``choices``)."""
-        return {"conditioning": cls.CONDITIONINGS}
+        return {"conditioning": cls.CONDITIONINGS, "policy": tuple(POLICIES)}
 
     def coefs(self) -> PPOCoefs:
         return PPOCoefs(self.clip_coef, self.clip_vloss, self.ent_coef, self.vf_coef, self.norm_adv)
@@ -186,7 +189,7 @@ class PPOConfig:
 class PPOParts:
     """The fixed pieces of a PPO run: networks (templates), optimizer, envs, minibatch RNG."""
 
-    policy: GaussianPolicy
+    policy: Policy
     critic: Critic
     tx: Any
     collector: Collector
@@ -221,6 +224,8 @@ class PPOState:
                 self.params.views()["theta"],
                 parts.collector.obs_norm,
                 cfg.hidden,
+                act_dim=parts.collector.envs.act_dim,
+                kind=cfg.policy,
             ),
         }
 
@@ -239,7 +244,7 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     collector = collector_for(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
-    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
+    policy = POLICIES[cfg.policy](obs_dim, act_dim, cfg.hidden, cfg.conditioning, None)
     critic = Critic(obs_dim, cfg.hidden)
     params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)}, cfg.device)
     tx = optimizer_for(cfg, restart=lr_restart)
