@@ -236,7 +236,7 @@ def checkpoint_rows(
         lambda: unroll(problem, adam, theta, paths, [rnd], state, create_graph=False)
     )
     full = torch.arange(inp.batch["r_ex"].numel())
-    look_rnd = Round(inp["batch"], [full] * cfg.lookahead_steps)
+    look_rnd = Round(inp.batch, [full] * cfg.lookahead_steps)
     look = timed(
         lambda: meta_gradient(problem, adam, theta, eta, [look_rnd], outer, opt_state=state)
     )

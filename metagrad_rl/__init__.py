@@ -13,6 +13,7 @@ from metagrad_rl.explicit import (
     hessian_vector_product,
     mixed_second_order_product,
 )
+from metagrad_rl.jacobian import SpectralNorm, round_spectral_norm, spectral_norm
 from metagrad_rl.memory import MemoryBudgetError, check_unroll_memory
 from metagrad_rl.metagrad import (
     MetaGradResult,
@@ -58,6 +59,7 @@ __all__ = [
     "MetaProblem",
     "PendingMetaGradient",
     "Round",
+    "SpectralNorm",
     "VerificationReport",
     "all_reduce_sum",
     "average_across_workers",
@@ -76,7 +78,9 @@ __all__ = [
     "mixed_second_order_product",
     "policy_log_prob",
     "ppo_meta_problem",
+    "round_spectral_norm",
     "score_function_term",
+    "spectral_norm",
     "start_meta_gradient",
     "unroll",
     "verify_meta_gradient",

@@ -126,6 +126,10 @@ _GRAPH_CUTS = {
 }
 
 
+def _is_transform(x: Any) -> bool:
+    return isinstance(x, torchopt.base.GradientTransformation)
+
+
 def _children(tx: Any) -> list[GradientTransformation]:
     """The transformations a TorchOpt transformation is made of (chains, aliases' closures)."""
     found = list(getattr(tx, "transformations", ()) or ())
@@ -134,10 +138,10 @@ def _children(tx: Any) -> list[GradientTransformation]:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if isinstance(value, GradientTransformation):  # a NamedTuple itself: test it first
+        if _is_transform(value):  # a NamedTuple itself: test it before tuples
             found.append(value)
-        elif isinstance(value, tuple | list):
-            found += [v for v in value if isinstance(v, GradientTransformation)]
+        elif isinstance(value, (tuple, list)):  # noqa: UP038 - mypy rejects a union here
+            found += [v for v in value if _is_transform(v)]
     return found
 
 
