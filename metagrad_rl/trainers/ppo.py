@@ -230,6 +230,11 @@ class PPOState:
         }
 
     def load(self, ckpt: dict[str, Any], parts: PPOParts) -> None:
+        if "update_gen" not in ckpt:
+            raise ConfigError(
+                "checkpoint was written by an older metagrad_rl (numpy minibatch RNG): resume "
+                "it with that version, or start a new run"
+            )
         self.params.load_state_dict(ckpt["params"])
         self.opt_state = optimizer_state_from_list(self.opt_state, ckpt["opt_state"])
         parts.collector.load_state_dict(ckpt["collector"])
