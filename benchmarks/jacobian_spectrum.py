@@ -224,14 +224,14 @@ def spectrum_at(
 ) -> list[Row]:  # fmt: skip
     """``||J||_2`` of the stored round for every variant, with the round's diagnostics.
 
-    ``step`` is the trainer's :class:`~metagrad_rl.trainers.bilevel.MetaStep`: ``inputs`` the
+    ``step`` is the trainer's :class:`~metagrad_rl.trainers.bilevel.MetaStep`: ``round`` the
     stored policy round, ``outer`` its validation batch (for :func:`adjoint_gain`).
     """
-    inputs = step.inputs
-    theta, eta = inputs["theta"], inputs["eta"]
-    rnd = Round(inputs["batch"], inputs["minibatches"])
+    rec = step.round
+    theta, eta = rec.theta, rec.eta
+    rnd = Round(rec.batch, rec.minibatches)
     base = policy_optimizer(cfg)
-    state = optimizer_state_from_list(base.init(theta), inputs["opt_state"])
+    state = optimizer_state_from_list(base.init(theta), rec.opt_state)
     norms, theta_next, end_state, clip_share = plain_round(problem, base, theta, eta, rnd, state)
     x0 = FlatLayout(theta).flatten(theta)
     adam_step = sum(norms) / len(norms)

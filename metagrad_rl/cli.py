@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from metagrad_rl import config as C
 from metagrad_rl.errors import ConfigError
 
 PROG = "metagrad-rl"
@@ -96,6 +97,13 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh in --out, deleting an earlier run's files there",
     )
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings from a TOML or JSON file with the flags' names (e.g. total-steps = "
+        "100000; an `algo` key picks the algorithm); a run's config.json works too; flags "
+        "given on the command line win",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     # -- data-parallel workers (issue 10; metagrad_rl.trainers.parallel) --
     train.add_argument(
@@ -122,10 +130,13 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot",
         help="plot learning curves of run directories",
-        description="Learning curves (mean and +-1 std over seeds, grouped by algo and env).",
+        description="Learning curves: mean and +-1 std over seeds; runs are grouped by every "
+        "config.json field that differs between them (seed aside), one panel per env.",
     )
     plot.add_argument("runs", nargs="+", metavar="DIR", help="run directories (train --out)")
-    plot.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
+    plot.add_argument(
+        "--out", required=True, metavar="FILE", help="output figure (.png, .pdf or .svg)"
+    )
     plot.add_argument(
         "--metric", default="episodic_return", help="progress.csv column (default: %(default)s)"
     )
@@ -159,6 +170,16 @@ def _peek_algo(argv: Sequence[str]) -> str:
     algo = _peek(argv, "--algo")
     if algo is not None:
         return algo
+    path = _peek(argv, "--config")
+    if path:
+        from metagrad_rl.config import read_config_file
+
+        try:
+            algo = read_config_file(path)[0]
+        except ConfigError:
+            algo = None  # reported when the config is read for real
+        if algo is not None:
+            return algo
     out = _peek(argv, "--out")
     if "--resume" in argv and out:
         from metagrad_rl.logging import CONFIG_FILE
@@ -175,12 +196,20 @@ def _peek_algo(argv: Sequence[str]) -> str:
 def make_train_config(args: argparse.Namespace) -> Any:
     """The config from explicit flags, on top of the resumed run's config with ``--resume``."""
     from metagrad_rl.checkpoint import load_checkpoint
-    from metagrad_rl.config import from_dict
+    from metagrad_rl.config import from_dict, read_config_file
     from metagrad_rl.logging import resume_checkpoint
     from metagrad_rl.trainers import ALGOS
 
     cls = ALGOS[args.algo].config_cls
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in args}
+    if args.config:
+        algo, from_file = read_config_file(args.config)
+        if algo is not None and algo != args.algo:
+            raise ConfigError(
+                f"--algo={args.algo!r} differs from {args.config!r}'s algo={algo!r}: expected "
+                "one of them, or the same"
+            )
+        explicit = {**from_file, **explicit}
     base: dict[str, Any] = {}
     if args.resume:
         ckpt = load_checkpoint(resume_checkpoint(args.out))
@@ -224,7 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         make_train_config(args)  # bad input: one line here, not one per worker
         argv = parallel.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
         return parallel.launch_local(args.nproc, argv, args.worker_timeout)
-    device = str(getattr(args, "device", "cpu"))
+    device = str(getattr(args, "device", None) or "cpu")
+    C.torch_device("--device", device)  # one line before any process group is joined
     with init_workers(device, timeout_s=args.worker_timeout) as w:
         return _train_worker(args, w.is_main)
 
@@ -296,7 +326,9 @@ def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from metagrad_rl.plotting import plot_runs
 
-    path = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    path, notes = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
 

@@ -53,12 +53,50 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}: expected a subset of {sorted(names)}")
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ConfigError(
+            f"unknown settings {flags} for {cls.__name__}: expected flags of "
+            f"`metagrad-rl train --algo ... --help`"
+        )
     kwargs = {}
     for k, v in data.items():
         default = names[k].default
         kwargs[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
     return cls(**kwargs)
+
+
+def read_config_file(path: str) -> tuple[str | None, dict[str, Any]]:
+    """``(algo, {field: value})`` from a TOML or JSON file (``train --config FILE``).
+
+    Keys are the CLI's flag names (``total-steps`` or ``total_steps``); an ``algo`` key picks
+    the algorithm. A run's ``config.json`` (``{"algo": ..., "config": {...}}``) is accepted as
+    it is. Values are validated by the config dataclass like the flags are.
+    """
+    import json
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(
+            f"--config {path!r} cannot be read ({err.strerror or type(err).__name__}): "
+            "expected a TOML or JSON file"
+        ) from err
+    try:
+        data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
+    except ValueError as err:
+        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        msg = " ".join(str(err).split())
+        raise ConfigError(f"--config {path!r} is not valid {kind} ({msg})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} holds a {type(data).__name__}: expected a table")
+    if isinstance(data.get("config"), dict):  # a run's config.json
+        data = {**data["config"], "algo": data.get("algo")}
+    fields = {str(k).replace("-", "_"): v for k, v in data.items()}
+    algo = fields.pop("algo", None)
+    return (None if algo is None else str(algo)), fields
 
 
 # -- validation helpers: each raises a one-line ConfigError naming the field and the value ------
@@ -85,6 +123,28 @@ def nonnegative_float(name: str, value: Any) -> None:
 def unit_interval(name: str, value: Any) -> None:
     if not _real(value) or not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name}={value!r} is invalid: expected a number in [0, 1]")
+
+
+def torch_device(name: str, value: Any) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where torch has a CUDA device."""
+    import re
+
+    import torch
+
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{name}={value!r} is invalid: expected cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{name}={value!r} is not available: torch {torch.__version__} sees no CUDA "
+                "device here: expected cpu"
+            )
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{name}={value!r} is not available: {torch.cuda.device_count()} CUDA "
+                f"device(s) here: expected cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
 
 
 def one_of(name: str, value: Any, choices: tuple[Any, ...]) -> None:

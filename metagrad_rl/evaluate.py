@@ -23,6 +23,10 @@ from metagrad_rl.rollout import NumpyPolicy
 def load_policy(snapshot: dict[str, Any]) -> tuple[NumpyPolicy, ObsNormalizer]:
     """Rebuilds the numpy policy and frozen normaliser from a checkpoint's ``"policy"`` entry."""
     cond = snapshot.get("cond")
+    if snapshot.get("kind", "gaussian") != "gaussian":
+        raise ConfigError(
+            f"evaluate rebuilds the gaussian policy: this checkpoint's is {snapshot['kind']!r}"
+        )
     policy = GaussianPolicy(
         snapshot["obs_dim"],
         snapshot["act_dim"],

@@ -9,8 +9,9 @@ A run directory holds (all written atomically or row by row):
 - ``checkpoint.pt`` -- the latest checkpoint (:mod:`metagrad_rl.checkpoint`);
 - ``summary.json`` -- final numbers, written when the run finishes.
 
-TensorBoard is not used: it would add a large dependency for scalars that ``progress.csv`` and
-``metagrad-rl plot`` already show. The CSV is the source of truth.
+With ``train --tensorboard`` the same scalars also go to ``tensorboard/`` as TensorBoard events
+(the optional ``tensorboard`` extra; not a core dependency). The CSV is always written and is
+the source of truth.
 """
 
 from __future__ import annotations

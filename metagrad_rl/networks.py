@@ -13,6 +13,9 @@ them with ``theta`` (policy) and ``eta`` (intrinsic reward) held outside the mod
 - :class:`GaussianPolicy` -- tanh MLP, last hidden layer normalised by CLN (``"cln"``), by a
   plain LayerNorm (``"layernorm"``) or not at all (``"none"``), state-independent log-std.
 - :class:`Critic` -- a value network, used for extrinsic and intrinsic (mixed) returns.
+- :class:`Policy` -- what the engine's problem, the rollout and the trainers need of a policy
+  (log-probability, entropy, a fast no-grad sampler); :class:`GaussianPolicy` is one, and
+  :data:`POLICIES` names the ones ``train --policy`` can build.
 
 Naming follows ``docs/conventions.md``: ``theta`` is a dict of policy parameters, ``eta`` a dict
 of intrinsic-reward parameters, keyed as ``module.named_parameters()`` keys them.
@@ -21,7 +24,8 @@ of intrinsic-reward parameters, keyed as ``module.named_parameters()`` keys them
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +59,7 @@ def _check_sizes(name: str, sizes: Sequence[int]) -> None:
         raise ConfigError(f"{name}={tuple(sizes)!r} is invalid: expected one or more positive ints")
 
 
-def params_of(module: nn.Module) -> Params:
+def params_of(module: nn.Module | Policy) -> Params:
     """The module's parameters as a plain dict (the tensors themselves, not copies)."""
     return dict(module.named_parameters())
 
@@ -145,6 +149,42 @@ class ConditionalLayerNorm(nn.Module):
         return self.gain_map(cond) * x_hat + self.bias_map(cond)
 
 
+class Sampler(Protocol):
+    """A no-grad snapshot of a policy for per-step acting: ``mean(obs) + std * noise``."""
+
+    std: Any
+
+    def mean(self, obs: Any) -> Any: ...
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the engine's problem, the rollout and the trainers need of a policy.
+
+    ``theta`` is always an explicit dict of the policy's parameters (keyed as
+    ``named_parameters()``); ``cond`` is ``cln_condition(eta)`` when ``conditioning == "cln"``
+    and ``None`` otherwise. No caller names the policy's parameters.
+    """
+
+    conditioning: str
+
+    def named_parameters(self) -> Any: ...
+
+    def log_prob(
+        self, theta: Mapping[str, Tensor], obs: Tensor, act: Tensor, cond: Tensor | None
+    ) -> Tensor:
+        """``log pi(act | obs)`` summed over action dimensions, a pure function of ``theta``."""
+        ...
+
+    def entropy(self, theta: Mapping[str, Tensor]) -> Tensor:
+        """The entropy (mean over states where it depends on them; here state-independent)."""
+        ...
+
+    def sampler(self, theta: Mapping[str, Tensor], cond: Tensor | None) -> Sampler:
+        """A fast float32 numpy (or no-grad) copy for the rollout's per-step sampling."""
+        ...
+
+
 class GaussianPolicy(nn.Module):
     """``pi_{theta, eta}(a|s) = N(mu(s), diag(exp(2 log_std)))``, state-independent log-std.
 
@@ -195,6 +235,31 @@ class GaussianPolicy(nn.Module):
             h = self.norm(h)
         return self.mean(torch.tanh(h)), self.log_std
 
+    def log_prob(
+        self, theta: Mapping[str, Tensor], obs: Tensor, act: Tensor, cond: Tensor | None
+    ) -> Tensor:
+        c = cond if self.conditioning == "cln" else None
+        mean, log_std = functional_call(self, dict(theta), (obs, c))
+        return gaussian_log_prob(mean, log_std, act)
+
+    def entropy(self, theta: Mapping[str, Tensor]) -> Tensor:
+        return gaussian_entropy(theta["log_std"])
+
+    def sampler(self, theta: Mapping[str, Tensor], cond: Tensor | None) -> Sampler:
+        from metagrad_rl.rollout import NumpyPolicy
+
+        return NumpyPolicy(self, theta, cond)
+
+
+def gaussian_policy(
+    obs_dim: int, act_dim: int, hidden: Sequence[int], conditioning: str, cond_dim: int | None
+) -> GaussianPolicy:
+    return GaussianPolicy(obs_dim, act_dim, hidden, conditioning=conditioning, cond_dim=cond_dim)
+
+
+#: ``train --policy NAME``: ``factory(obs_dim, act_dim, hidden, conditioning, cond_dim)``.
+POLICIES: dict[str, Callable[..., Policy]] = {"gaussian": gaussian_policy}
+
 
 class Critic(nn.Module):
     """``V(s)``: tanh MLP with a linear head (orthogonal init, head gain 1)."""
@@ -221,7 +286,7 @@ def gaussian_entropy(log_std: Tensor) -> Tensor:
 
 
 def policy_log_prob(
-    policy: GaussianPolicy,
+    policy: Policy,
     theta: Mapping[str, Tensor],
     obs: Tensor,
     act: Tensor,
@@ -233,8 +298,7 @@ def policy_log_prob(
     for an unconditioned one.
     """
     cond = cln_condition(eta) if policy.conditioning == "cln" and eta is not None else None
-    mean, log_std = functional_call(policy, dict(theta), (obs, cond))
-    return gaussian_log_prob(mean, log_std, act)
+    return policy.log_prob(theta, obs, act, cond)
 
 
 def intrinsic_reward(

@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_log_prob
+from metagrad_rl.networks import Critic, GaussianPolicy, Policy, Sampler
 
 
 class Batch(NamedTuple):
@@ -132,7 +132,7 @@ class Collector:
         self.ep_len = np.zeros(n, dtype=np.int64)
         self.obs = self.obs_norm(envs.reset())
 
-    def collect(self, policy_np: NumpyPolicy, num_steps: int) -> tuple[dict, EpisodeStats]:
+    def collect(self, policy_np: Sampler, num_steps: int) -> tuple[dict, EpisodeStats]:
         """Steps ``num_steps`` times; returns numpy buffers and the finished episodes."""
         envs, n = self.envs, self.envs.num_envs
         obs_buf = np.empty((num_steps, n, envs.obs_dim), dtype=np.float32)
@@ -222,12 +222,13 @@ def critic_values(critic: Critic, params: Mapping[str, Tensor], obs: Tensor) -> 
 
 def collect_rollout(
     collector: Collector,
-    policy: GaussianPolicy,
+    policy: Policy,
     theta: Mapping[str, Tensor],
     critic: Critic,
     critic_params: Mapping[str, Tensor],
     num_steps: int,
     cond: Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> Rollout:
     """Samples ``num_steps`` steps from ``pi_{theta}`` (CLN-conditioned on ``cond`` if given).
 
@@ -238,11 +239,10 @@ def collect_rollout(
     if num_steps <= 0:
         raise ConfigError(f"num_steps={num_steps!r} is invalid: expected a positive int")
     cond_d = cond.detach() if cond is not None else None
-    bufs, episodes = collector.collect(NumpyPolicy(policy, theta, cond_d), num_steps)
-    t = {k: torch.from_numpy(v) for k, v in bufs.items()}
+    bufs, episodes = collector.collect(policy.sampler(theta, cond_d), num_steps)
+    t = {k: torch.from_numpy(v).to(device) for k, v in bufs.items()}  # envs stay on the CPU
     with torch.no_grad():
-        mean, log_std = policy_outputs(policy, theta, t["obs"], cond_d)
-        logp = gaussian_log_prob(mean, log_std, t["act"])
+        logp = policy.log_prob(theta, t["obs"], t["act"], cond_d)
         values = critic_values(critic, critic_params, t["obs"])
         next_values = critic_values(critic, critic_params, t["next_obs"])
     batch = Batch(

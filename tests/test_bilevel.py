@@ -25,7 +25,7 @@ from metagrad_rl.trainers.bilevel import (
     train,
 )
 from metagrad_rl.trainers.common import optimizer_state_from_list
-from metagrad_rl.trainers.meta_grads import MetaGrad
+from metagrad_rl.trainers.meta_grads import MetaGrad, _eq17
 from metagrad_rl.unroll import EtaPaths, Round, unroll
 
 SMALL = dict(
@@ -308,3 +308,25 @@ def test_docs_table_and_cli_choices_read_the_registry(capsys):
     with pytest.raises(SystemExit):
         build_parser("cln").parse_args(["train", "--algo", "cln", "--help"])
     assert "--meta-grad {" + ",".join(meta_grads.META_GRADS) + "}" in capsys.readouterr().out
+
+
+def test_plain_round_equals_the_differentiable_rounds(tmp_path):
+    """eq17 takes the fused plain round (policy and critics in one pass); the same estimator
+    registered with unroll="round" takes the engine's differentiable unroll then the critic
+    round. Both runs must end at the same theta, critics and eta."""
+    entry = MetaGrad("eq17-round", "Eq 17 after a differentiable round", _eq17, "round")
+    meta_grads.register(entry)
+    try:
+        train(_config("cln", meta_grad="eq17"), tmp_path / "plain")
+        train(_config("cln", meta_grad="eq17-round"), tmp_path / "round")
+    finally:
+        meta_grads.unregister("eq17-round")
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "round" / "checkpoint.pt", weights_only=True)
+    for key in ("theta", "eta"):
+        torch.testing.assert_close(flatten(a[key]), flatten(b[key]), rtol=1e-4, atol=1e-6)
+    for g in ("v_mix", "v_ex"):
+        torch.testing.assert_close(
+            flatten(a["critics"][g]), flatten(b["critics"][g]), rtol=1e-4, atol=1e-6
+        )
+    assert (flatten(a["theta"]) - flatten(b["theta"])).abs().max() < 1e-5

@@ -143,3 +143,18 @@ def test_every_trainer_writes_ppo_columns_without_warnings(tmp_path, algo):
 def test_bad_config_is_refused_before_any_file(tmp_path):
     with pytest.raises(ConfigError, match="total_steps=10 is less than one rollout"):
         PPOConfig(env="InvertedPendulum-v5", total_steps=10, num_steps=64)
+
+
+def test_an_older_ppo_checkpoint_is_a_one_line_error(capsys, tmp_path):
+    import torch
+
+    from metagrad_rl.checkpoint import save_checkpoint
+
+    run = tmp_path / "r"
+    assert main(_train(run, "--total-steps", "64")) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ckpt["update_gen"]
+    ckpt["update_rng"] = "{}"  # what the numpy-RNG version wrote
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    line = _err(capsys, ["train", "--out", str(run), "--resume", "--total-steps", "128"])
+    assert "written by an older metagrad_rl" in line

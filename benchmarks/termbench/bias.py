@@ -29,6 +29,7 @@ from metagrad_rl.trainers.bilevel import (
     build_problem,
     policy_optimizer,
     round_batch,
+    round_schedule,
     score_weight,
 )
 from metagrad_rl.trainers.common import (
@@ -108,7 +109,6 @@ def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) 
     cond = cln_condition(eta).detach()
     baseline = float(np.mean(ckpt["recent_returns"])) if ckpt["recent_returns"] else 0.0
     plain, glp, w_b, w_0, j_hat = [], [], [], [], []
-    mb_size = cfg.batch_size // cfg.num_minibatches
     for m in tqdm(range(draws), desc="bias: Hopper draws", disable=not progress):
         col = collector_for(cfg, seed=50_000 + 97 * m + seed)
         col.obs_norm.load_state_dict(ckpt["collector"]["obs_norm"])
@@ -116,11 +116,7 @@ def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) 
         col.obs = col.obs_norm(col.envs.reset(), update=False)
         ro = collect_rollout(col, policy, theta, v_mix, crit["v_mix"], cfg.num_steps, cond)
         gen = torch.Generator().manual_seed(seed * 1000 + m)
-        mbs = [
-            idx
-            for _ in range(cfg.update_epochs)
-            for idx in torch.randperm(cfg.batch_size, generator=gen).split(mb_size)
-        ]
+        mbs = round_schedule(cfg, gen)  # the trainer's minibatch schedule
         rb = round_batch(ro.batch, ro.batch.values, ro.batch.next_values)
         pending = start_meta_gradient(
             problem,

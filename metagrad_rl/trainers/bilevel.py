@@ -52,6 +52,7 @@ from torch import Tensor
 from metagrad_rl import config as C
 from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.metagrad import (
     PendingMetaGradient,
     detach_state,
@@ -60,11 +61,11 @@ from metagrad_rl.metagrad import (
     start_meta_gradient,
 )
 from metagrad_rl.networks import (
+    POLICIES,
     Critic,
-    GaussianPolicy,
     IntrinsicReward,
+    Policy,
     cln_condition,
-    gaussian_entropy,
     intrinsic_reward,
     params_of,
     policy_log_prob,
@@ -79,22 +80,23 @@ from metagrad_rl.trainers.common import (
     collector_for,
     episode_row,
     explained_variance,
+    flat_grads,
     lr_at,
     make_optimizer,
     optimizer_for,
     optimizer_state_from_list,
     optimizer_state_to_list,
     policy_snapshot,
+    to_device,
 )
 from metagrad_rl.trainers.ppo import PPOConfig
 from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
 from metagrad_rl.unroll import (
-    EtaPaths,
     InnerSurrogate,
     MetaProblem,
     Round,
     minibatch_indices,
-    unroll,
+    prepare_round,
 )
 
 Params = dict[str, Tensor]
@@ -191,7 +193,7 @@ class LIRPGConfig(BilevelConfig):
 class Parts:
     """The fixed pieces of a bilevel run: networks (templates), optimizers, problem, envs."""
 
-    policy: GaussianPolicy
+    policy: Policy
     reward_net: IntrinsicReward
     v_mix: Critic
     v_ex: Critic
@@ -287,11 +289,13 @@ class BilevelState:
                 parts.collector.obs_norm,
                 cfg.hidden,
                 _condition(cfg, self.eta),
+                act_dim=parts.collector.envs.act_dim,
+                kind=cfg.policy,
             ),
         }
 
-    def load(self, ckpt: dict[str, Any], parts: Parts) -> None:
-        self.theta, self.eta = ckpt["theta"], ckpt["eta"]
+    def load(self, ckpt: dict[str, Any], parts: Parts, device: str = "cpu") -> None:
+        self.theta, self.eta = to_device(ckpt["theta"], device), to_device(ckpt["eta"], device)
         self.critics.load_state_dict(ckpt["critics"])
         self.theta_state = optimizer_state_from_list(self.theta_state, ckpt["theta_state"])
         self.critic_state = optimizer_state_from_list(self.critic_state, ckpt["critic_state"])
@@ -300,7 +304,7 @@ class BilevelState:
         parts.update_gen.set_state(ckpt["update_gen"])
         torch.set_rng_state(ckpt["torch_rng"])
         self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
-        self.pending = RoundRecord.from_checkpoint(ckpt["pending"])
+        self.pending = RoundRecord.from_checkpoint(to_device(ckpt["pending"], device))
         self.baseline = ckpt.get("baseline")
         self.recent = list(ckpt["recent_returns"])
         parts.par.resumed_normalisers(parts.collector)
@@ -344,7 +348,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
     cond_dim = reward_net.condition_dim
-    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, cfg.conditioning, cond_dim)
+    policy = POLICIES[cfg.policy](obs_dim, act_dim, cfg.hidden, cfg.conditioning, cond_dim)
     v_mix, v_ex = Critic(obs_dim, cfg.hidden), Critic(obs_dim, cfg.hidden)
     parts = Parts(
         policy=policy,
@@ -365,8 +369,9 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
             build_problem(cfg, policy, reward_net, par.plain_sum_over_workers),
             par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
         )
-    theta, eta = detach_state(params_of(policy)), detach_state(params_of(reward_net))
-    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)})
+    theta = to_device(detach_state(params_of(policy)), cfg.device)
+    eta = to_device(detach_state(params_of(reward_net)), cfg.device)
+    critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)}, cfg.device)
     par.sync_([*theta.values(), *eta.values(), critics.flat])
     state = BilevelState(
         theta=theta,
@@ -382,14 +387,14 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
 
 def build_problem(
     cfg: BilevelConfig,
-    policy: GaussianPolicy,
+    policy: Policy,
     reward_net: IntrinsicReward,
     sum_over_workers: Callable[[Tensor], Tensor] | None = None,
 ) -> Any:
     """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`);
     ``sum_over_workers``: advantage statistics over the workers' union."""
     return ppo_meta_problem(
-        policy,
+        policy,  # type: ignore[arg-type]  # the engine types it GaussianPolicy; any Policy works
         reward_net,
         gamma=cfg.gamma,
         lam=cfg.gae_lambda,
@@ -423,6 +428,7 @@ def collect(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> Collected:
         views["v_mix"],
         cfg.num_steps,
         _condition(cfg, state.eta),
+        device=cfg.device,
     )
     parts.par.combine_normalisers(parts.collector)
     rollout = rollout._replace(episodes=parts.par.union_episodes(rollout.episodes))
@@ -588,12 +594,14 @@ def score_weight(
 
 # ============================== POLICY ROUND (Eq 23): theta_k -> theta_{k+1} =====================
 def policy_round(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
 ) -> dict[str, float]:
-    """PPO-clip on the mixed advantages of ``tau_k`` with ``eta_{i+1}``; records the round.
+    """PPO-clip on the mixed advantages of ``tau_k`` with ``eta_{i+1}`` (Eq 23), recorded as the
+    pending round, then the critics' regression on the same minibatches.
 
-    Differentiable (graph kept in the record) when the estimator unrolls the real round; a
-    look-ahead estimator unrolls its look-ahead beside the plain round.
+    When the estimator unrolls the real round, ``theta_{k+1}`` is that differentiable unroll's
+    output (graph kept in the record); otherwise the policy and the critics step together in
+    one pass (:func:`plain_round`; a look-ahead estimator unrolls its look-ahead beside it).
     """
     mg, b, eps = parts.meta_grad, data.batch, data.rollout.episodes
     clip_before = clip_counts(state.theta_state)
@@ -608,26 +616,67 @@ def policy_round(
     )
     if mg.unroll != "none":
         rec.graph = start_unroll(cfg, parts, rec)
+    state.pending = rec
     if mg.unroll == "round":
         assert rec.graph is not None
         state.theta, state.theta_state = rec.graph.theta_next, rec.graph.opt_state
+        stats = critic_round(cfg, parts, state, data, adv_mix)
     else:
-        problem, tx = parts.plain_round or (parts.problem, parts.theta_tx)
-        res = unroll(
-            problem,
-            tx,
-            state.theta,
-            EtaPaths.shared(state.eta),
-            [Round(rec.batch, rec.minibatches)],
-            state.theta_state,
-            InnerSurrogate(cfg.surrogate),
-            create_graph=False,
-        )
-        state.theta, state.theta_state = detach_state(res.theta), detach_state(res.opt_state)
-    state.pending = rec
+        stats = plain_round(cfg, parts, state, data, adv_mix)
     clip_after = clip_counts(state.theta_state)
     share = (clip_after[0] - clip_before[0]) / max(1, clip_after[1] - clip_before[1])
-    return {"grad_clip_share": share}
+    return {**stats, "grad_clip_share": share}
+
+
+def plain_round(
+    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
+) -> dict[str, float]:
+    """The policy round and the critic round in one pass, nothing kept for differentiation.
+
+    Per minibatch one backward pass of the engine's inner loss (``problem.inner_loss`` on
+    ``prepare_round``'s data, the denominator a constant) plus both critics' value losses,
+    then the policy's and the critics' optimizers step in place on flat vectors. Same numbers
+    as :func:`metagrad_rl.unroll.unroll` with ``create_graph=False`` followed by
+    :func:`critic_round` (``tests/test_bilevel.py``), in half the backward passes.
+    """
+    rec, eta = state.pending, state.eta
+    assert rec is not None
+    # with several workers: a plain all-reduce of the gradient, union advantage statistics
+    problem, tx = parts.plain_round or (parts.problem, parts.theta_tx)
+    with torch.no_grad():
+        inner = prepare_round(
+            problem, rec.batch, state.theta, eta, eta, InnerSurrogate(cfg.surrogate)
+        )
+    v = value_targets(cfg, data, adv_mix)
+    layout = FlatLayout(state.theta)
+    pol = FlatParams({"theta": state.theta}, cfg.device)
+    pol_state = layout.flatten_state(state.theta_state)
+    critics, total = state.critics, 0.0
+    for idx in rec.minibatches:
+        theta, c = pol.leaves()["theta"], critics.leaves()
+        loss_pi = problem.inner_loss(theta, _take(inner, idx), eta_policy=eta)
+        loss_v = value_losses(parts, c, v, idx)
+        g_pi, g_v = flat_grads(loss_pi + loss_v, pol, critics)
+        pol_state = _step(tx, {FLAT_KEY: g_pi}, pol_state, {FLAT_KEY: pol.flat})
+        state.critic_state = _step(parts.critic_tx, (g_v,), state.critic_state, (critics.flat,))
+        total += float(loss_v.detach())
+    state.theta = {k: t.detach().clone() for k, t in pol.views()["theta"].items()}
+    state.theta_state = detach_state(layout.unflatten_state(pol_state))
+    return {
+        "v_loss": total / max(len(rec.minibatches), 1),
+        "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
+    }
+
+
+def _take(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    return {k: t[idx] for k, t in data.items()}
+
+
+def _step(tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
+    """One in-place optimizer step (TorchOpt's ``update`` then ``apply_updates``)."""
+    updates, opt_state = tx.update(grads, opt_state, params=params, inplace=True)
+    torchopt.apply_updates(params, updates, inplace=True)
+    return opt_state
 
 
 def round_schedule(cfg: Any, gen: torch.Generator) -> list[Tensor]:
@@ -652,7 +701,7 @@ def policy_stats(
         old = b.logp.reshape(-1)
         pg = clipped_surrogate_loss(logp, old, adv, cfg.clip_coef)
         stats = surrogate_stats(logp, old, cfg.clip_coef)
-        ent = gaussian_entropy(state.theta["log_std"])
+        ent = parts.policy.entropy(state.theta)
     return {
         "pg_loss": float(pg),
         "entropy": float(ent),
@@ -667,33 +716,50 @@ def critic_round(
     cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
 ) -> dict[str, float]:
     """Value regression of both critics on the round's minibatches (clipped value loss)."""
-    b = data.batch
-    obs = b.obs.reshape(-1, b.obs.shape[-1])
-    ret_mix = (adv_mix + b.values).reshape(-1)
-    ret_ex = (data.adv_ex + data.ex_v).reshape(-1)
-    old_mix, old_ex = b.values.reshape(-1), data.ex_v.reshape(-1)
-    clip = cfg.clip_coef if cfg.clip_vloss else None
+    v = value_targets(cfg, data, adv_mix)
     mbs = state.pending.minibatches if state.pending is not None else []
     total = 0.0
     for idx in mbs:
-        leaves = state.critics.leaves()
-        lm = value_loss(
-            critic_values(parts.v_mix, leaves["v_mix"], obs[idx]), ret_mix[idx], old_mix[idx], clip
-        )
-        le = value_loss(
-            critic_values(parts.v_ex, leaves["v_ex"], obs[idx]), ret_ex[idx], old_ex[idx], clip
-        )
-        grad = state.critics.flat_grad(lm + le)
+        loss = value_losses(parts, state.critics.leaves(), v, idx)
+        grad = state.critics.flat_grad(loss)
         flat = (state.critics.flat,)
-        updates, state.critic_state = parts.critic_tx.update(
-            (grad,), state.critic_state, params=flat, inplace=True
-        )
-        torchopt.apply_updates(flat, updates, inplace=True)
-        total += float((lm + le).detach())
+        state.critic_state = _step(parts.critic_tx, (grad,), state.critic_state, flat)
+        total += float(loss.detach())
     return {
         "v_loss": total / max(len(mbs), 1),
-        "explained_variance": explained_variance(old_ex, ret_ex),
+        "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
     }
+
+
+def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[str, Any]:
+    """Flat observations, returns and old values of ``V_mix`` (mixed) and ``V_ex`` (extrinsic)."""
+    b = data.batch
+    return {
+        "obs": b.obs.reshape(-1, b.obs.shape[-1]),
+        "ret_mix": (adv_mix + b.values).reshape(-1),
+        "ret_ex": (data.adv_ex + data.ex_v).reshape(-1),
+        "old_mix": b.values.reshape(-1),
+        "old_ex": data.ex_v.reshape(-1),
+        "clip": cfg.clip_coef if cfg.clip_vloss else None,
+    }
+
+
+def value_losses(parts: Parts, leaves: dict[str, Params], v: dict[str, Any], idx: Tensor) -> Tensor:
+    """Both critics' (clipped) value losses on minibatch ``idx``, summed."""
+    obs = v["obs"][idx]
+    lm = value_loss(
+        critic_values(parts.v_mix, leaves["v_mix"], obs),
+        v["ret_mix"][idx],
+        v["old_mix"][idx],
+        v["clip"],
+    )
+    le = value_loss(
+        critic_values(parts.v_ex, leaves["v_ex"], obs),
+        v["ret_ex"][idx],
+        v["old_ex"][idx],
+        v["clip"],
+    )
+    return lm + le
 
 
 def mixed_advantages(cfg: BilevelConfig, b: Batch, r_in: Tensor) -> Tensor:
@@ -723,6 +789,7 @@ def intrinsic_episode_returns(r_in: Tensor, episode_end: Tensor) -> list[float]:
 
 def intrinsic_stats(r_in: Tensor, episode_end: Tensor) -> dict[str, Any]:
     """The intrinsic reward's statistics on ``tau_k`` (per step, and summed per episode)."""
+    r_in, episode_end = r_in.cpu(), episode_end.cpu()  # a loop of scalar reads
     ret = intrinsic_episode_returns(r_in, episode_end)
     return {
         "intrinsic_return": float(np.mean(ret)) if ret else "",
@@ -759,7 +826,7 @@ def train(
     parts, s = build(cfg, lr_restart_of(ckpt, cfg))
     run = Run.open(algo, cfg, out, ckpt)
     if ckpt is not None:
-        s.load(ckpt, parts)
+        s.load(ckpt, parts, cfg.device)
     while run.keep_going(s.iteration, s.global_step, stop_at_step):
         data = collect(cfg, parts, s)  # tau_k ~ pi_{theta_k, eta_i}
         step = validation_round(cfg, parts, s, data)  # Eq 24: eta_i -> eta_{i+1}
@@ -768,12 +835,11 @@ def train(
         with torch.no_grad():
             r_in = intrinsic_reward(parts.reward_net, s.eta, data.batch.obs, data.batch.act)
         adv_mix = mixed_advantages(cfg, data.batch, r_in)
-        round_stats = policy_round(cfg, parts, s, data)  # Eq 23: theta_k -> theta_{k+1}
-        critic_stats = critic_round(cfg, parts, s, data, adv_mix)  # V_mix, V_ex
+        # Eq 23: theta_k -> theta_{k+1}; then V_mix, V_ex regress on tau_k
+        round_stats = policy_round(cfg, parts, s, data, adv_mix)
         row = {
             **episode_row(s.iteration + 1, data.rollout.episodes),
             **policy_stats(cfg, parts, s, data.batch, adv_mix),
-            **critic_stats,
             **round_stats,
             **intrinsic_stats(r_in, data.batch.episode_end),
             **meta_columns(parts.meta_grad, step),

@@ -28,10 +28,11 @@ from torch import Tensor
 from metagrad_rl.advantages import normalize
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import Critic, GaussianPolicy, gaussian_entropy, gaussian_log_prob
+from metagrad_rl.flat import FlatLayout
+from metagrad_rl.networks import Critic, Policy
 from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
-from metagrad_rl.rollout import Batch, Collector, critic_values, policy_outputs
+from metagrad_rl.rollout import Batch, Collector, critic_values
 
 Params = dict[str, Tensor]
 
@@ -52,17 +53,13 @@ class FlatParams:
       differentiable optimizer step).
     """
 
-    def __init__(self, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
-        self.spec: list[tuple[str, str, torch.Size, int, int]] = []
-        chunks = []
-        offset = 0
-        for g, params in groups.items():
-            for name, p in params.items():
-                n = p.numel()
-                self.spec.append((g, name, p.shape, offset, n))
-                chunks.append(p.detach().reshape(-1))
-                offset += n
-        self.flat = torch.cat(chunks).clone()
+    def __init__(
+        self, groups: Mapping[str, Mapping[str, Tensor]], device: torch.device | str = "cpu"
+    ) -> None:
+        self.groups = {g: list(params) for g, params in groups.items()}
+        named = {f"{g}/{n}": p.detach() for g, params in groups.items() for n, p in params.items()}
+        self.layout = FlatLayout(named)  # the one flatten of the project (metagrad_rl.flat)
+        self.flat = self.layout.flatten(named).to(device, copy=True)
         self._leaves = self.views(self.flat.detach())
         for group in self._leaves.values():
             for t in group.values():
@@ -74,37 +71,47 @@ class FlatParams:
         return self._leaves
 
     def flat_grad(self, loss: Tensor) -> Tensor:
-        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`spec` order)."""
-        grads = torch.autograd.grad(loss, self._leaf_list, allow_unused=True)
-        return torch.cat(
-            [
-                torch.zeros(t.numel()) if g is None else g.reshape(-1)
-                for g, t in zip(grads, self._leaf_list)
-            ]
-        )
+        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`flat`'s order)."""
+        return flat_grads(loss, self)[0]
 
     def views(self, flat: Tensor | None = None) -> dict[str, Params]:
         """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`), differentiable."""
-        f = self.flat if flat is None else flat
-        out: dict[str, Params] = {}
-        for g, name, shape, off, n in self.spec:
-            out.setdefault(g, {})[name] = f[off : off + n].view(shape)
-        return out
+        parts = self.layout.unflatten(self.flat if flat is None else flat)
+        return {g: {n: parts[f"{g}/{n}"] for n in names} for g, names in self.groups.items()}
 
     def state_dict(self) -> dict[str, Params]:
         """Detached copies of every group, keyed as the modules key them."""
         return {g: {k: v.detach().clone() for k, v in p.items()} for g, p in self.views().items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        named = {}
+        for key, shape in zip(self.layout.names, self.layout.shapes):
+            g, name = key.split("/", 1)
+            t = state.get(g, {}).get(name)
+            if t is None or tuple(t.shape) != tuple(shape):
+                got = None if t is None else tuple(t.shape)
+                raise ConfigError(
+                    f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
+                )
+            named[key] = t
         with torch.no_grad():
-            for g, name, shape, off, n in self.spec:
-                t = state.get(g, {}).get(name)
-                if t is None or tuple(t.shape) != tuple(shape):
-                    got = None if t is None else tuple(t.shape)
-                    raise ConfigError(
-                        f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
-                    )
-                self.flat[off : off + n] = t.reshape(-1)
+            self.flat.copy_(self.layout.flatten(named))
+
+
+def flat_grads(loss: Tensor, *params: FlatParams) -> list[Tensor]:
+    """``d loss / d flat`` of several :class:`FlatParams` in one backward pass."""
+    leaves = [t for p in params for t in p._leaf_list]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    out, i = [], 0
+    for p in params:
+        n = len(p._leaf_list)
+        parts = [
+            torch.zeros(t.numel(), device=t.device) if g is None else g.reshape(-1)
+            for g, t in zip(grads[i : i + n], p._leaf_list)
+        ]
+        out.append(torch.cat(parts))
+        i += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ class PPOCoefs(NamedTuple):
 
 
 def ppo_loss(
-    policy: GaussianPolicy,
+    policy: Policy,
     critic: Critic,
     theta: Mapping[str, Tensor],
     critic_params: Mapping[str, Tensor],
@@ -184,14 +191,13 @@ def ppo_loss(
     Advantages are normalised per minibatch when ``coefs.norm_adv``. ``aux`` holds detached
     diagnostics (``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clip_frac``).
     """
-    mean, log_std = policy_outputs(policy, theta, mb.obs, cond)
-    logp = gaussian_log_prob(mean, log_std, mb.act)
+    logp = policy.log_prob(theta, mb.obs, mb.act, cond)
     adv = normalize(mb.adv) if coefs.norm_adv else mb.adv
     pg_loss = clipped_surrogate_loss(logp, mb.old_logp, adv, coefs.clip_coef)
     values = critic_values(critic, critic_params, mb.obs)
     v_clip = coefs.clip_coef if coefs.clip_vloss else None
     v_loss = value_loss(values, mb.returns, mb.old_values, v_clip)
-    entropy = gaussian_entropy(log_std)
+    entropy = policy.entropy(theta)
     loss = pg_loss + coefs.vf_coef * v_loss - coefs.ent_coef * entropy
     stats = surrogate_stats(logp, mb.old_logp, coefs.clip_coef)
     aux = {
@@ -218,7 +224,7 @@ def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:
 
 
 def ppo_update(
-    policy: GaussianPolicy,
+    policy: Policy,
     critic: Critic,
     params: FlatParams,
     tx: torchopt.base.GradientTransformation,
@@ -346,7 +352,16 @@ def optimizer_state_from_list(template: Any, leaves: list[Tensor]) -> Any:
         raise ConfigError(
             f"checkpoint optimizer state has {len(leaves)} tensors: expected {len(tmpl_leaves)}"
         )
-    return torchopt.pytree.tree_unflatten(treedef, [t.clone() for t in leaves])
+    moved = [
+        t.to(ref.device, copy=True) if isinstance(ref, Tensor) else t.clone()
+        for t, ref in zip(leaves, tmpl_leaves)
+    ]
+    return torchopt.pytree.tree_unflatten(treedef, moved)
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Every tensor of a pytree (dicts, lists, tuples) moved to ``device``."""
+    return torchopt.pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,21 +369,24 @@ def optimizer_state_from_list(template: Any, leaves: list[Tensor]) -> Any:
 # ---------------------------------------------------------------------------------------------
 def policy_snapshot(
     env_id: str,
-    policy: GaussianPolicy,
+    policy: Policy,
     theta: Mapping[str, Tensor],
     obs_norm: ObsNormalizer,
     hidden: tuple[int, ...],
     cond: Tensor | None = None,
+    act_dim: int = 0,
+    kind: str = "gaussian",
 ) -> dict[str, Any]:
     """Everything ``metagrad-rl evaluate`` needs to rebuild and run the policy."""
     return {
         "env_id": env_id,
+        "kind": kind,
         "obs_dim": int(obs_norm.rms.mean.shape[0]),
-        "act_dim": int(policy.log_std.numel()),
+        "act_dim": int(act_dim),
         "hidden": list(hidden),
         "conditioning": policy.conditioning,
-        "cond": None if cond is None else cond.detach().clone(),
-        "theta": {k: v.detach().clone() for k, v in theta.items()},
+        "cond": None if cond is None else cond.detach().cpu().clone(),
+        "theta": {k: v.detach().cpu().clone() for k, v in theta.items()},
         "obs_norm": obs_norm.state_dict(),
         "obs_norm_enabled": bool(obs_norm.enabled),
         "obs_clip": float(obs_norm.clip),

@@ -20,7 +20,7 @@ from metagrad_rl import config as C
 from metagrad_rl.advantages import gae
 from metagrad_rl.envs import check_env_id
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, params_of
+from metagrad_rl.networks import POLICIES, Critic, IntrinsicReward, Policy, params_of
 from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout
 from metagrad_rl.trainers import parallel
 from metagrad_rl.trainers.common import (
@@ -37,7 +37,7 @@ from metagrad_rl.trainers.common import (
     policy_snapshot,
     ppo_update,
 )
-from metagrad_rl.trainers.run import Progress, Run, begin, lr_restart_of
+from metagrad_rl.trainers.run import Progress, Run, begin, check_tensorboard, lr_restart_of
 from metagrad_rl.unroll import minibatch_indices
 
 ALGO = "ppo"
@@ -88,6 +88,8 @@ class PPOConfig:
     """Adam epsilon."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of policy and critic (tanh)."""
+    policy: str = "gaussian"
+    """Policy family, from metagrad_rl.networks.POLICIES (gaussian: CleanRL's MLP Gaussian)."""
     conditioning: str = "none"
     """Normalisation of the policy's last hidden layer: none or layernorm (cln needs eta)."""
     reward_hidden: tuple[int, ...] = (64, 64)
@@ -108,6 +110,12 @@ class PPOConfig:
     """Save a checkpoint every this many iterations (0: only at the end)."""
     torch_threads: int = 1
     """torch.set_num_threads for this run (small nets are fastest on 1)."""
+    tensorboard: bool = False
+    """Also write progress.csv's scalars as TensorBoard events under <out>/tensorboard (needs
+    the optional tensorboard package: pip install 'metagrad_rl[tensorboard]')."""
+    device: str = "cpu"
+    """Torch device of the networks, updates and meta-gradient: cpu, cuda or cuda:N (the envs
+    stay on the CPU; small MuJoCo networks are usually fastest on the CPU)."""
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -118,6 +126,9 @@ class PPOConfig:
         for name in ("checkpoint_every", "max_episode_steps"):
             C.nonnegative_int(name, getattr(self, name))
         C.positive_int("torch_threads", self.torch_threads)
+        C.torch_device("device", self.device)
+        if self.tensorboard:
+            check_tensorboard()
         C.nonnegative_int("seed", self.seed)
         for name in ("lr", "clip_coef", "max_grad_norm", "adam_eps", "clip_obs", "clip_reward"):
             C.positive_float(name, getattr(self, name))
@@ -126,6 +137,7 @@ class PPOConfig:
         C.unit_interval("gamma", self.gamma)
         C.unit_interval("gae_lambda", self.gae_lambda)
         C.one_of("conditioning", self.conditioning, self.CONDITIONINGS)
+        C.one_of("policy", self.policy, tuple(POLICIES))
         for name in ("hidden", "reward_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(
@@ -168,7 +180,7 @@ class PPOConfig:
     @classmethod
     def field_choices(cls) -> dict[str, tuple[str, ...]]:
         """The accepted values of the fields that take a name (the CLI's ``choices``)."""
-        return {"conditioning": cls.CONDITIONINGS}
+        return {"conditioning": cls.CONDITIONINGS, "policy": tuple(POLICIES)}
 
     def coefs(self) -> PPOCoefs:
         return PPOCoefs(self.clip_coef, self.clip_vloss, self.ent_coef, self.vf_coef, self.norm_adv)
@@ -178,7 +190,7 @@ class PPOConfig:
 class PPOParts:
     """The fixed pieces of a PPO run: networks (templates), optimizer, envs, minibatch RNG."""
 
-    policy: GaussianPolicy
+    policy: Policy
     critic: Critic
     tx: Any
     collector: Collector
@@ -215,10 +227,17 @@ class PPOState:
                 self.params.views()["theta"],
                 parts.collector.obs_norm,
                 cfg.hidden,
+                act_dim=parts.collector.envs.act_dim,
+                kind=cfg.policy,
             ),
         }
 
     def load(self, ckpt: dict[str, Any], parts: PPOParts) -> None:
+        if "update_gen" not in ckpt:
+            raise ConfigError(
+                "checkpoint was written by an older metagrad_rl (numpy minibatch RNG): resume "
+                "it with that version, or start a new run"
+            )
         self.params.load_state_dict(ckpt["params"])
         self.opt_state = optimizer_state_from_list(self.opt_state, ckpt["opt_state"])
         parts.collector.load_state_dict(ckpt["collector"])
@@ -239,9 +258,9 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     collector = collector_for(cfg, par.seed(cfg.seed))
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
-    policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, conditioning=cfg.conditioning)
+    policy = POLICIES[cfg.policy](obs_dim, act_dim, cfg.hidden, cfg.conditioning, None)
     critic = Critic(obs_dim, cfg.hidden)
-    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)})
+    params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)}, cfg.device)
     par.sync_([params.flat])
     tx = par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True)
     gen = torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003)
@@ -254,7 +273,13 @@ def collect(cfg: PPOConfig, parts: PPOParts, state: PPOState) -> tuple[Rollout, 
     """A rollout of the current policy with its GAE advantages and returns."""
     views = state.params.views()
     rollout = collect_rollout(
-        parts.collector, parts.policy, views["theta"], parts.critic, views["critic"], cfg.num_steps
+        parts.collector,
+        parts.policy,
+        views["theta"],
+        parts.critic,
+        views["critic"],
+        cfg.num_steps,
+        device=cfg.device,
     )
     parts.par.combine_normalisers(parts.collector)
     rollout = rollout._replace(episodes=parts.par.union_episodes(rollout.episodes))

@@ -30,6 +30,7 @@ from metagrad_rl.checkpoint import load_checkpoint, save_checkpoint
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.logging import (
     CHECKPOINT_FILE,
+    TENSORBOARD_DIR,
     RunLogger,
     prepare_run_dir,
     resume_checkpoint,
@@ -41,7 +42,39 @@ from metagrad_rl.trainers import parallel
 Progress = Callable[[int, dict[str, Any]], None]
 
 #: Fields that may differ between a run and its ``--resume``.
-RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads")
+RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "torch_threads", "device", "tensorboard")
+
+
+def check_tensorboard() -> None:
+    """``--tensorboard`` needs the optional ``tensorboard`` package (a one-line error if absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "tensorboard=True needs the tensorboard package, which is not installed: "
+            "pip install 'metagrad_rl[tensorboard]' (progress.csv is written either way)"
+        )
+
+
+class TensorBoard:
+    """The scalars of each ``progress.csv`` row as TensorBoard events in ``<run>/tensorboard``.
+
+    On resume, events after the resumed step are dropped (``purge_step``), as the CSV's rows are.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = None if resume_step is None else resume_step + 1  # rows after the checkpoint
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, global_step: int, row: Mapping[str, Any]) -> None:
+        for k, v in row.items():
+            if k != "global_step" and isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, global_step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def check_resume_config(saved: Mapping[str, Any], config: Any) -> None:
@@ -121,6 +154,8 @@ class Run:
     """The iteration at which the learning-rate annealing (re)started (:func:`lr_restart_of`)."""
     par: parallel.Parallel = field(default_factory=parallel.Parallel)
     start: float = field(default_factory=time.perf_counter)
+    tensorboard: TensorBoard | None = None
+    """The ``--tensorboard`` writer (rank 0 only), or ``None``."""
 
     @classmethod
     def open(cls, algo: str, cfg: Any, out: str | Path, ckpt: dict[str, Any] | None) -> Run:
@@ -130,14 +165,15 @@ class Run:
         par = parallel.current()
         step = int(ckpt["global_step"]) if ckpt is not None else None
 
-        def open_dir() -> tuple[Path, RunLogger]:
+        def open_dir() -> tuple[Path, RunLogger, TensorBoard | None]:
             path = prepare_run_dir(out, ckpt is not None)
             write_run_config(path, algo, C.to_dict(cfg))
-            return path, RunLogger(path, resume_step=step)
+            board = TensorBoard(path, step) if getattr(cfg, "tensorboard", False) else None
+            return path, RunLogger(path, resume_step=step), board
 
         opened = par.main_first(open_dir)
-        path, logger = opened if opened is not None else (Path(out), None)
-        return cls(algo, cfg, path, logger, ckpt, lr_restart_of(ckpt, cfg), par)
+        path, logger, board = opened if opened is not None else (Path(out), None, None)
+        return cls(algo, cfg, path, logger, ckpt, lr_restart_of(ckpt, cfg), par, tensorboard=board)
 
     def keep_going(self, iteration: int, global_step: int, stop_at_step: int | None) -> bool:
         """``True`` while iterations remain and ``stop_at_step`` (an interruption) is not hit."""
@@ -152,6 +188,8 @@ class Run:
         if self.par.distributed:  # steps summed over the workers
             row = {**row, "all_workers_step": global_step * self.par.world_size}
         full = self.logger.log(global_step, self.cfg.batch_size, row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(global_step, full)
         if progress is not None:
             progress(global_step, full)
 
@@ -194,5 +232,7 @@ class Run:
             summary["num_workers"] = self.par.world_size
         if finished and self.logger is not None:
             write_summary(self.path, summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         collector.envs.close()
         return summary
