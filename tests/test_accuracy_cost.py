@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torchopt
+from bench_helpers import load_benchmark
 from meta_helpers import make_setup
 
 from metagrad_rl.optim import clip_grad_norm, graph_cuts
 from metagrad_rl.trainers.bilevel import CLNConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("accuracy_cost", BENCH / "accuracy_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_rows_compare_every_estimator_with_the_exact_total():
-    ac = _module()
+    ac = load_benchmark("accuracy_cost")
     problem, theta, eta, rounds, outer = make_setup(n_rounds=2, steps=4)
     tx = torchopt.chain(clip_grad_norm(0.3), torchopt.adam(0.01, eps_root=1e-8))
     rows = ac.estimator_rows(

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "compare_terms", ROOT / "benchmarks" / "compare_terms.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare_terms"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ct = _load()
+ct = load_benchmark("compare_terms")
 
 TINY = dict(num_steps=128, num_minibatches=4, update_epochs=2, eta_lr=1e-2)
 

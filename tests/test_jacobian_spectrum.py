@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import load_benchmark
 
 from metagrad_rl.flat import FlatLayout
 from metagrad_rl.unroll import EtaPaths, unroll
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "jacobian_spectrum", ROOT / "benchmarks" / "jacobian_spectrum.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["jacobian_spectrum"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-js = _load()
+js = load_benchmark("jacobian_spectrum")
 
 TINY = dict(num_steps=128, num_minibatches=4, update_epochs=2)
 
