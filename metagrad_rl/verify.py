@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FlatLayout
 from metagrad_rl.metagrad import TERMS, check_outer_batch, flatten, meta_gradient
 from metagrad_rl.optim import check_differentiable
 from metagrad_rl.unroll import (
@@ -52,15 +53,6 @@ TERM_PATHS = {"eq11": "outer", "eq12": "policy", "eq13": "reward", "eq14": "earl
 
 class VerificationError(AssertionError):
     """A meta-gradient that did not match its finite differences (the report's text)."""
-
-
-def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Split a flat vector into a dict shaped like ``like`` (the inverse of ``flatten``)."""
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = vec[i : i + v.numel()].view_as(v)
-        i += v.numel()
-    return out
 
 
 def path_objective(
@@ -272,15 +264,16 @@ def verify_meta_gradient(
     objective = path_objective(problem, optimizer, theta, anchor, rounds, outer_batch, **kw)
     x = flatten(eta).detach().clone().requires_grad_(True)
     scale = float(total.abs().max())
+    layout = FlatLayout(eta)
     ok, msg = _gradcheck(
-        lambda vec: objective(EtaPaths.shared(unflatten(vec, eta))), x, eps, rtol * scale, rtol
+        lambda vec: objective(EtaPaths.shared(layout.unflatten(vec))), x, eps, rtol * scale, rtol
     )
 
     gen = torch.Generator().manual_seed(seed)
     dirs = []
     for _ in range(directions):
         v = torch.randn(total.shape, generator=gen, dtype=total.dtype)
-        dirs.append(unflatten(v / v.norm(), eta))
+        dirs.append(layout.unflatten(v / v.norm()))
     checks = {
         name: _check_term(name, getattr(split, name), objective, eta, dirs, total_norm, rtol, h)
         for name in TERMS
