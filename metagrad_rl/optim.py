@@ -14,7 +14,7 @@ of the update that actually ran: a clipped step ``g * c / |g|`` has the Jacobian
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +43,7 @@ def clip_counts(state: Any) -> tuple[int, int]:
     while stack:
         s = stack.pop()
         if isinstance(s, ClipByGlobalNormState):
-            fired, steps = fired + int(s.fired), steps + int(s.steps)
+            fired, steps = fired + int(s.fired.sum()), steps + int(s.steps.sum())
         elif isinstance(s, tuple | list):
             stack += list(s)
         elif isinstance(s, Mapping):
@@ -71,7 +71,11 @@ def global_norm(updates: Any, norm_type: float = 2.0) -> Tensor:
 
 
 def clip_grad_norm(
-    max_norm: float, *, eps: float = 1e-6, norm_type: float = 2.0
+    max_norm: float,
+    *,
+    eps: float = 1e-6,
+    norm_type: float = 2.0,
+    segments: Sequence[int] | None = None,
 ) -> GradientTransformation:
     r"""Scale the updates by ``min(1, max_norm / (|g| + eps))``, ``|g|`` their global norm.
 
@@ -86,16 +90,27 @@ def clip_grad_norm(
 
     Works inside ``torchopt.chain`` on a flat vector or a dict of tensors (the norm is global
     either way), with ``inplace`` True or False.
+
+    ``segments=(n_1, n_2, ...)``: the updates are one flat vector made of consecutive parts of
+    these sizes, and each part is clipped by its own norm -- the same numbers as one
+    ``clip_grad_norm`` per part, in one optimizer step (the trainers' plain round steps the
+    policy and the critics together this way, :func:`join_states`). The counts then hold one
+    entry per part.
     """
     if not (isinstance(max_norm, int | float) and max_norm > 0 and math.isfinite(max_norm)):
         raise ConfigError(f"max_norm={max_norm!r} is invalid: expected a finite number > 0")
     if norm_type != math.inf and not norm_type > 0:
         raise ConfigError(f"norm_type={norm_type!r} is invalid: expected > 0 or math.inf")
 
+    sizes = None if segments is None else [int(n) for n in segments]
+    if sizes is not None and (not sizes or min(sizes) <= 0):
+        raise ConfigError(f"segments={segments!r} is invalid: expected sizes > 0")
+
     def init_fn(params: Any) -> ClipByGlobalNormState:
         leaves = torchopt.pytree.tree_leaves(params)
         device = leaves[0].device if leaves else None
-        zero = torch.zeros((), dtype=torch.long, device=device)
+        shape = () if sizes is None else (len(sizes),)
+        zero = torch.zeros(shape, dtype=torch.long, device=device)
         return ClipByGlobalNormState(zero, zero.clone())
 
     def update_fn(
@@ -103,6 +118,8 @@ def clip_grad_norm(
     ) -> tuple[Any, Any]:
         if not torchopt.pytree.tree_leaves(updates):
             return updates, state
+        if sizes is not None:
+            return _clip_segments(updates, state, inplace)
         scale = max_norm / (global_norm(updates, norm_type) + eps)
         factor = torch.clamp(scale, max=1.0)
         state = ClipByGlobalNormState(state.fired + (scale.detach() < 1.0).long(), state.steps + 1)
@@ -110,7 +127,78 @@ def clip_grad_norm(
             return torchopt.pytree.tree_map(lambda g: g.mul_(factor), updates), state
         return torchopt.pytree.tree_map(lambda g: g * factor, updates), state
 
+    def _clip_segments(updates: Any, state: Any, inplace: bool) -> tuple[Any, Any]:
+        assert sizes is not None
+        leaves, spec = torchopt.pytree.tree_flatten(updates)
+        if len(leaves) != 1 or leaves[0].dim() != 1 or leaves[0].numel() != sum(sizes):
+            got = [tuple(t.shape) for t in leaves]
+            raise ConfigError(
+                f"clip_grad_norm(segments={sizes}) needs one flat vector of {sum(sizes)} "
+                f"entries: got leaves shaped {got}"
+            )
+        parts = torch.split(leaves[0], sizes)
+        if norm_type == 2.0:  # the guarded sqrt of global_norm, for all parts at once
+            sq = torch.stack([torch.dot(p, p) for p in parts])
+            positive = sq > 0
+            norms = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
+        else:
+            norms = torch.stack([global_norm(p, norm_type) for p in parts])
+        scales = max_norm / (norms + eps)
+        factors = torch.clamp(scales, max=1.0)
+        state = ClipByGlobalNormState(state.fired + (scales.detach() < 1.0).long(), state.steps + 1)
+        if inplace:
+            for p, f in zip(parts, factors.unbind()):
+                p.mul_(f)
+            return updates, state
+        out = torch.cat([p * f for p, f in zip(parts, factors.unbind())])
+        return torchopt.pytree.tree_unflatten(spec, [out]), state
+
     return GradientTransformation(init_fn, update_fn)
+
+
+def join_states(a: Any, b: Any) -> Any:
+    """Two optimizer states of the same chain on flat vectors -> the state of that chain with
+    ``clip_grad_norm(segments=(len_a, len_b))`` on their concatenation.
+
+    Per-entry tensors are concatenated, clip counts stacked; step counts must agree (they are
+    the schedule's clock). :func:`split_state` is the inverse.
+    """
+    if isinstance(a, ClipByGlobalNormState):
+        return ClipByGlobalNormState(
+            torch.stack([a.fired, b.fired]), torch.stack([a.steps, b.steps])
+        )
+    if isinstance(a, Tensor):
+        if a.dim() == 0:
+            if not torch.equal(a, b):
+                raise ConfigError(f"cannot join optimizer states at different counts {a} and {b}")
+            return a
+        return torch.cat([a, b])
+    if isinstance(a, list):
+        return [join_states(x, y) for x, y in zip(a, b, strict=True)]
+    if isinstance(a, tuple):
+        items = [join_states(x, y) for x, y in zip(a, b, strict=True)]
+        return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
+    return a
+
+
+def split_state(state: Any, n: int) -> tuple[Any, Any]:
+    """The inverse of :func:`join_states`: the first part has ``n`` entries (copies, not views)."""
+    if isinstance(state, ClipByGlobalNormState):
+        f, s = state.fired.unbind(), state.steps.unbind()
+        return ClipByGlobalNormState(f[0], s[0]), ClipByGlobalNormState(f[1], s[1])
+    if isinstance(state, Tensor):
+        if state.dim() == 0:
+            return state, state.clone()
+        return state[:n].clone(), state[n:].clone()
+    if isinstance(state, list | tuple):
+        pairs = [split_state(x, n) for x in state]
+        firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+        if isinstance(state, list):
+            return firsts, seconds
+        if hasattr(state, "_fields"):
+            return type(state)(*firsts), type(state)(*seconds)
+        return tuple(firsts), tuple(seconds)
+    return state, state
 
 
 #: ``(module, qualified name of update_fn) -> why it cuts the graph`` for transforms known to.

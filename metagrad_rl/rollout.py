@@ -15,7 +15,7 @@ Termination and truncation (see :mod:`metagrad_rl.advantages`): ``next_obs_t`` i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -218,6 +218,29 @@ def policy_outputs(
 def critic_values(critic: Critic, params: Mapping[str, Tensor], obs: Tensor) -> Tensor:
     """``V(obs)`` for any leading shape, as a pure function of the critic's ``params``."""
     return functional_call(critic, dict(params), (obs,))
+
+
+def stacked_critic_values(
+    critic: Critic, params: Sequence[Mapping[str, Tensor]], obs: Tensor
+) -> Tensor:
+    """``[V_1(obs), ..., V_K(obs)]`` (shape ``[K, B]``) of ``K`` critics of ``critic``'s
+    architecture on the same observations ``[B, obs_dim]``, as batched matrix products.
+
+    The same numbers as ``K`` calls of :func:`critic_values` (to float rounding) in one pass:
+    the bilevel trainers' two critics, ``V_mix`` and ``V_ex``, cost about half as much this way.
+    """
+    layers = [(f"body.{i}", m) for i, m in enumerate(critic.body)] + [("head", critic.head)]
+    h = obs.unsqueeze(0).expand(len(params), *obs.shape)
+    for name, m in layers:
+        if isinstance(m, nn.Linear):
+            w = torch.stack([p[f"{name}.weight"] for p in params])
+            b = torch.stack([p[f"{name}.bias"] for p in params])
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        elif isinstance(m, nn.Tanh):
+            h = torch.tanh(h)
+        else:  # pragma: no cover - guards future layouts
+            return torch.stack([critic_values(critic, p, obs) for p in params])
+    return h.squeeze(-1)
 
 
 def collect_rollout(

@@ -10,7 +10,7 @@ import torch
 from metagrad_rl.envs import RewardScaler, RunningMeanStd, VecEnv
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.networks import Critic, GaussianPolicy, params_of
-from metagrad_rl.rollout import collect_rollout, critic_values
+from metagrad_rl.rollout import collect_rollout, critic_values, stacked_critic_values
 from metagrad_rl.trainers.common import make_collector
 
 
@@ -108,3 +108,23 @@ def test_rollout_normalised_obs_are_clipped_and_consistent():
     cont = ~b.episode_end[:-1]
     torch.testing.assert_close(b.next_obs[:-1][cont], b.obs[1:][cont])
     assert (b.episode_end & ~b.terminated).sum() >= 4  # truncations every 7 steps
+
+
+def test_stacked_critic_values_equal_one_call_per_critic():
+    torch.manual_seed(0)
+    critics = [Critic(5, (16, 8)).double() for _ in range(3)]
+    params = [dict(c.named_parameters()) for c in critics]
+    obs = torch.randn(11, 5, dtype=torch.float64)
+    got = stacked_critic_values(critics[0], params, obs)
+    want = torch.stack([critic_values(c, p, obs) for c, p in zip(critics, params)])
+    assert got.shape == (3, 11)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    # and the gradients, which the trainers' critic regression takes
+    (got.square().sum()).backward()
+    grads = [p["body.0.weight"].grad.clone() for p in params]
+    for p in params:
+        for t in p.values():
+            t.grad = None
+    (want.square().sum()).backward()
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p["body.0.weight"].grad, rtol=0, atol=1e-12)

@@ -30,7 +30,11 @@ def test_truncated_meta_gradient_passes_gradcheck_of_its_own_function(opt, n_rou
     assert report.passed, str(report)
     full = meta_gradient(problem, _tx(opt), theta, eta, rounds, outer)
     short = meta_gradient(problem, _tx(opt), theta, eta, rounds, outer, truncate=k)
-    torch.testing.assert_close(flatten(short.theta_next), flatten(full.theta_next), rtol=0, atol=0)
+    # the same forward; the prefix runs off the graph, where GAE is the NumPy scan rather than
+    # the discount-matrix product: equal to float64 rounding, not bit for bit
+    torch.testing.assert_close(
+        flatten(short.theta_next), flatten(full.theta_next), rtol=1e-12, atol=1e-15
+    )
     assert not torch.allclose(flatten(short.total), flatten(full.total))
     assert short.diagnostics["differentiated_steps"] == k
 

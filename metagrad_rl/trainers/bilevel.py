@@ -52,7 +52,7 @@ from torch import Tensor
 from metagrad_rl import config as C
 from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.flat import FlatLayout
 from metagrad_rl.metagrad import (
     PendingMetaGradient,
     detach_state,
@@ -70,10 +70,17 @@ from metagrad_rl.networks import (
     params_of,
     policy_log_prob,
 )
-from metagrad_rl.optim import clip_counts
+from metagrad_rl.optim import clip_counts, join_states, split_state
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.problems import ppo_meta_problem
-from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout, critic_values
+from metagrad_rl.rollout import (
+    Batch,
+    Collector,
+    Rollout,
+    collect_rollout,
+    critic_values,
+    stacked_critic_values,
+)
 from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.common import (
     FlatParams,
@@ -207,9 +214,13 @@ class Parts:
     par: parallel.Parallel = field(default_factory=parallel.Parallel)
     """This worker (seeds, averaged optimizers and meta-gradient, union advantage statistics,
     combined normalisers; no-op in one process: :mod:`metagrad_rl.trainers.parallel`)."""
-    plain_round: tuple[Any, Any] | None = None
-    """``(problem, theta_tx)`` of a policy round that is not differentiated, with plain
-    collectives (the cheaper twins of ``problem`` and ``theta_tx``; ``None``: those)."""
+    joint_tx: Any = None
+    """The plain round's one optimizer on ``[theta, critics]`` as one flat vector: the same
+    clip-then-Adam chain, each part clipped by its own norm (``segments``), so one step
+    gives the numbers of ``theta_tx`` and ``critic_tx`` stepping apart."""
+    plain_problem: MetaProblem | None = None
+    """``problem`` with plain collectives, for a policy round that is not differentiated
+    (several workers; ``None``: ``problem``)."""
 
 
 @dataclass
@@ -357,7 +368,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         v_ex=v_ex,
         problem=build_problem(cfg, policy, reward_net, par.sum_over_workers),
         theta_tx=par.averaged(policy_optimizer(cfg, lr_restart)),
-        critic_tx=par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True),
+        critic_tx=par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
         eta_tx=torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps),
         collector=collector,
         update_gen=torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003),
@@ -365,13 +376,13 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         par=par,
     )
     if par.distributed:
-        parts.plain_round = (
-            build_problem(cfg, policy, reward_net, par.plain_sum_over_workers),
-            par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
-        )
+        parts.plain_problem = build_problem(cfg, policy, reward_net, par.plain_sum_over_workers)
     theta = to_device(detach_state(params_of(policy)), cfg.device)
     eta = to_device(detach_state(params_of(reward_net)), cfg.device)
     critics = FlatParams({"v_mix": params_of(v_mix), "v_ex": params_of(v_ex)}, cfg.device)
+    segments = (sum(t.numel() for t in theta.values()), critics.flat.numel())
+    joint = optimizer_for(cfg, cfg.adam_eps_root, lr_restart, segments)
+    parts.joint_tx = par.averaged(joint, plain=True)
     par.sync_([*theta.values(), *eta.values(), critics.flat])
     state = BilevelState(
         theta=theta,
@@ -408,7 +419,11 @@ def build_problem(
 
 
 def policy_optimizer(cfg: BilevelConfig, lr_restart: int = 0) -> Any:
-    """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable."""
+    """Clip-by-global-norm then Adam (annealed), on the policy alone; differentiable.
+
+    The critics' optimizer is the same chain (their ``eps_root`` too), so that the plain
+    round can step both as one vector (:attr:`Parts.joint_tx`).
+    """
     return optimizer_for(cfg, eps_root=cfg.adam_eps_root, restart=lr_restart)
 
 
@@ -635,33 +650,38 @@ def plain_round(
 
     Per minibatch one backward pass of the engine's inner loss (``problem.inner_loss`` on
     ``prepare_round``'s data, the denominator a constant) plus both critics' value losses,
-    then the policy's and the critics' optimizers step in place on flat vectors. Same numbers
-    as :func:`metagrad_rl.unroll.unroll` with ``create_graph=False`` followed by
-    :func:`critic_round` (``tests/test_bilevel.py``), in half the backward passes.
+    then one optimizer step on ``[theta, critics]`` as one flat vector
+    (:attr:`Parts.joint_tx`: each part clipped by its own norm, then Adam). Same numbers as
+    :func:`metagrad_rl.unroll.unroll` with ``create_graph=False`` followed by
+    :func:`critic_round` (``tests/test_bilevel.py``), in half the backward passes and
+    optimizer steps.
     """
     rec, eta = state.pending, state.eta
     assert rec is not None
     # with several workers: a plain all-reduce of the gradient, union advantage statistics
-    problem, tx = parts.plain_round or (parts.problem, parts.theta_tx)
+    problem = parts.plain_problem or parts.problem
     with torch.no_grad():
         inner = prepare_round(
             problem, rec.batch, state.theta, eta, eta, InnerSurrogate(cfg.surrogate)
         )
     v = value_targets(cfg, data, adv_mix)
     layout = FlatLayout(state.theta)
-    pol = FlatParams({"theta": state.theta}, cfg.device)
-    pol_state = layout.flatten_state(state.theta_state)
-    critics, total = state.critics, 0.0
+    n_theta = sum(layout.sizes)
+    joint = FlatParams({"theta": state.theta, **state.critics.views()}, cfg.device)
+    opt = join_states(layout.flatten_state(state.theta_state), state.critic_state)
+    total = 0.0
     for idx in rec.minibatches:
-        theta, c = pol.leaves()["theta"], critics.leaves()
-        loss_pi = problem.inner_loss(theta, _take(inner, idx), eta_policy=eta)
-        loss_v = value_losses(parts, c, v, idx)
-        g_pi, g_v = flat_grads(loss_pi + loss_v, pol, critics)
-        pol_state = _step(tx, {FLAT_KEY: g_pi}, pol_state, {FLAT_KEY: pol.flat})
-        state.critic_state = _step(parts.critic_tx, (g_v,), state.critic_state, (critics.flat,))
+        leaves = joint.leaves()
+        loss_pi = problem.inner_loss(leaves["theta"], _take(inner, idx), eta_policy=eta)
+        loss_v = value_losses(parts, leaves, v, idx)
+        (grad,) = flat_grads(loss_pi + loss_v, joint)
+        opt = _step(parts.joint_tx, (grad,), opt, (joint.flat,))
         total += float(loss_v.detach())
-    state.theta = {k: t.detach().clone() for k, t in pol.views()["theta"].items()}
-    state.theta_state = detach_state(layout.unflatten_state(pol_state))
+    theta_state, state.critic_state = split_state(opt, n_theta)
+    state.theta = {k: t.detach().clone() for k, t in joint.views()["theta"].items()}
+    state.theta_state = detach_state(layout.unflatten_state(theta_state))
+    with torch.no_grad():
+        state.critics.flat.copy_(joint.flat[n_theta:])
     return {
         "v_loss": total / max(len(rec.minibatches), 1),
         "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
@@ -732,34 +752,27 @@ def critic_round(
 
 
 def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[str, Any]:
-    """Flat observations, returns and old values of ``V_mix`` (mixed) and ``V_ex`` (extrinsic)."""
+    """Flat observations, returns and old values of ``V_mix`` (mixed) and ``V_ex`` (extrinsic);
+    ``ret`` and ``old`` stack both critics' (``[2, T*N]``, ``V_mix`` first)."""
     b = data.batch
+    ret_mix, ret_ex = (adv_mix + b.values).reshape(-1), (data.adv_ex + data.ex_v).reshape(-1)
+    old_mix, old_ex = b.values.reshape(-1), data.ex_v.reshape(-1)
     return {
         "obs": b.obs.reshape(-1, b.obs.shape[-1]),
-        "ret_mix": (adv_mix + b.values).reshape(-1),
-        "ret_ex": (data.adv_ex + data.ex_v).reshape(-1),
-        "old_mix": b.values.reshape(-1),
-        "old_ex": data.ex_v.reshape(-1),
+        "ret": torch.stack([ret_mix, ret_ex]),
+        "old": torch.stack([old_mix, old_ex]),
+        "ret_ex": ret_ex,
+        "old_ex": old_ex,
         "clip": cfg.clip_coef if cfg.clip_vloss else None,
     }
 
 
 def value_losses(parts: Parts, leaves: dict[str, Params], v: dict[str, Any], idx: Tensor) -> Tensor:
-    """Both critics' (clipped) value losses on minibatch ``idx``, summed."""
-    obs = v["obs"][idx]
-    lm = value_loss(
-        critic_values(parts.v_mix, leaves["v_mix"], obs),
-        v["ret_mix"][idx],
-        v["old_mix"][idx],
-        v["clip"],
-    )
-    le = value_loss(
-        critic_values(parts.v_ex, leaves["v_ex"], obs),
-        v["ret_ex"][idx],
-        v["old_ex"][idx],
-        v["clip"],
-    )
-    return lm + le
+    """Both critics' (clipped) value losses on minibatch ``idx``, summed (one batched pass of
+    the two critics, :func:`~metagrad_rl.rollout.stacked_critic_values`)."""
+    values = stacked_critic_values(parts.v_mix, [leaves["v_mix"], leaves["v_ex"]], v["obs"][idx])
+    # value_loss averages over both rows: twice that is the sum of the two critics' losses
+    return 2.0 * value_loss(values, v["ret"][:, idx], v["old"][:, idx], v["clip"])
 
 
 def mixed_advantages(cfg: BilevelConfig, b: Batch, r_in: Tensor) -> Tensor:

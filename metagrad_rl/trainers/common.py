@@ -310,22 +310,27 @@ def make_optimizer(
     eps: float = 1e-5,
     eps_root: float = 0.0,
     restart: int = 0,
+    segments: Sequence[int] | None = None,
 ) -> torchopt.base.GradientTransformation:
     """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps, eps_root))``.
 
     The one optimizer builder of every trainer (PPO's policy + critic, the bilevel policy and
     critics). The clip is :func:`metagrad_rl.optim.clip_grad_norm` (its factor stays on the
     graph, so the chain is differentiable), the Adam TorchOpt's pure-Python one; ``eps_root``
-    > 0 makes the unrolled update differentiable at ``v = 0``.
+    > 0 makes the unrolled update differentiable at ``v = 0``. ``segments``: the parameters
+    are one flat vector of consecutive parts, each clipped by its own norm (the
+    ``segments`` of :func:`metagrad_rl.optim.clip_grad_norm`).
     """
     schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr, restart)
     adam = torchopt.adam(lr=schedule, eps=eps, eps_root=eps_root)
     if max_grad_norm is None or math.isinf(max_grad_norm):
         return adam
-    return torchopt.chain(clip_grad_norm(max_grad_norm), adam)
+    return torchopt.chain(clip_grad_norm(max_grad_norm, segments=segments), adam)
 
 
-def optimizer_for(cfg: Any, eps_root: float = 0.0, restart: int = 0) -> Any:
+def optimizer_for(
+    cfg: Any, eps_root: float = 0.0, restart: int = 0, segments: Sequence[int] | None = None
+) -> Any:
     """:func:`make_optimizer` from a trainer config's fields."""
     return make_optimizer(
         cfg.lr,
@@ -336,6 +341,7 @@ def optimizer_for(cfg: Any, eps_root: float = 0.0, restart: int = 0) -> Any:
         cfg.adam_eps,
         eps_root,
         restart,
+        segments,
     )
 
 
