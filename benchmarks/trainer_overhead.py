@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         why = "" if ok else f" (CPU time {eq17['cpu_ratio']:.2f}x PPO's, above {TARGET}x)"
         print(f"target: CLN eq17 at most {TARGET}x a PPO run: {'MET' if ok else 'MISS'}{why}")
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()

@@ -1,0 +1,78 @@
+"""benchmarks/fig6.py and benchmarks/trainer_overhead.py on small inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_helpers import load_benchmark
+
+
+def _fake_run(path, slope_in, steps=200, every=2048):
+    path.mkdir()
+    lines = ["global_step,iteration,episodic_return,intrinsic_return,intrinsic_reward_mean"]
+    for i in range(1, steps + 1):
+        s = i * every
+        lines.append(f"{s},{i},{100 + 0.0},{slope_in * s / 1e6},{0.5}")
+    (path / "progress.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_fig6_bins_give_the_means_and_slopes_of_known_curves(tmp_path, capsys):
+    fig6 = load_benchmark("fig6")
+    _fake_run(tmp_path / "a", slope_in=100.0)
+    _fake_run(tmp_path / "b", slope_in=300.0)
+    out = tmp_path / "out"
+    assert (
+        fig6.main(
+            [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--bin-steps", "100000"]
+        )
+        == 0
+    )
+    data = json.loads((out / "fig6.json").read_text())
+    first = data["bins"][0]
+    assert first["episodic_return_mean"] == pytest.approx(100.0)
+    assert first["episodic_return_slope_per_1M"] == pytest.approx(0.0, abs=1e-6)
+    # the intrinsic return rises by 100 and 300 per million steps: the pooled fit gives 200
+    assert first["intrinsic_return_slope_per_1M"] == pytest.approx(200.0, rel=1e-6)
+    assert (out / "fig6.png").stat().st_size > 0 and (out / "fig6.csv").is_file()
+    assert "d/1M" in capsys.readouterr().out
+
+
+def test_fig6_refuses_a_directory_without_a_log(tmp_path):
+    fig6 = load_benchmark("fig6")
+    with pytest.raises(SystemExit):
+        fig6.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+def test_trainer_overhead_ratios_are_medians_over_ppo():
+    to = load_benchmark("trainer_overhead")
+    rows = [{"run": "ppo", "cpu_s": c, "wall_s": c + 1} for c in (10.0, 12.0, 11.0)] + [
+        {"run": "cln eq17", "cpu_s": c, "wall_s": c + 1} for c in (13.0, 99.0, 13.2)
+    ]
+    table = {t["run"]: t for t in to.ratios(rows)}
+    assert table["ppo"]["cpu_ratio"] == 1.0
+    assert table["cln eq17"]["cpu_ratio"] == pytest.approx(13.2 / 11.0)  # the outlier drops
+    assert table["cln eq17"]["wall_ratio"] == pytest.approx(14.2 / 12.0)
+
+
+def test_trainer_overhead_runs_one_short_pair(tmp_path, capsys):
+    to = load_benchmark("trainer_overhead")
+    out = tmp_path / "o"
+    assert (
+        to.main(
+            [
+                "--env",
+                "InvertedPendulum-v5",
+                "--total-steps",
+                "2048",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    data = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["ppo", "cln eq17"]
+    assert "target: CLN eq17 at most 1.25x" in capsys.readouterr().out
