@@ -105,9 +105,9 @@ class NumpyPolicy:
         h = h @ self.last[0] + self.last[1]
         if self.norm is not None:
             g, b, eps = self.norm
-            mu = h.mean(axis=-1, keepdims=True)
-            d = h - mu
-            var = (d * d).mean(axis=-1, keepdims=True)
+            inv_n = np.float32(1.0 / h.shape[-1])  # sums times 1/n: ndarray.mean costs 2x more
+            d = h - h.sum(axis=-1, keepdims=True) * inv_n
+            var = (d * d).sum(axis=-1, keepdims=True) * inv_n
             h = d / np.sqrt(var + eps) * g + b
         return np.tanh(h) @ self.mean_w + self.mean_b
 

@@ -330,3 +330,13 @@ def test_plain_round_equals_the_differentiable_rounds(tmp_path):
             flatten(a["critics"][g]), flatten(b["critics"][g]), rtol=1e-4, atol=1e-6
         )
     assert (flatten(a["theta"]) - flatten(b["theta"])).abs().max() < 1e-5
+
+
+def test_intrinsic_episode_returns_sum_r_in_over_each_finished_episode():
+    from metagrad_rl.trainers.bilevel import intrinsic_episode_returns
+
+    r = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    ends = torch.tensor([[False, False], [True, False], [False, True], [True, False]])
+    # env 0: episodes 1+2 and 3+4; env 1: 10+20+30, then 40 is unfinished
+    assert intrinsic_episode_returns(r, ends) == [3.0, 7.0, 60.0]
+    assert intrinsic_episode_returns(r[:, :1].reshape(-1), ends[:, 0]) == [3.0, 7.0]

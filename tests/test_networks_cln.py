@@ -18,6 +18,13 @@ from metagrad_rl.networks import (
 from metagrad_rl.rollout import NumpyPolicy
 
 
+def _formula(x, g, b, eps):
+    """Eq 20 written out: normalise with the biased variance, then gain and bias."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return g * (x - mu) / torch.sqrt(var + eps) + b
+
+
 def test_cln_with_zero_maps_against_layer_norm():
     torch.manual_seed(0)
     cln = ConditionalLayerNorm(num_features=6, cond_dim=5)
@@ -37,8 +44,10 @@ def test_cln_gain_and_bias_are_affine_maps_of_the_condition():
     x, cond = torch.randn(2, 3), torch.randn(2)
     g = cln.gain_map.weight @ cond + cln.gain_map.bias
     b = cln.bias_map.weight @ cond + cln.bias_map.bias
-    expected = F.layer_norm(x, (3,), weight=g, bias=b, eps=cln.eps)
-    torch.testing.assert_close(cln(x, cond), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cln(x, cond), _formula(x, g, b, cln.eps), rtol=1e-6, atol=1e-6)
+    # one condition per row (the formula path) agrees with the shared condition (fused path)
+    rows = cond.expand(2, 2)
+    torch.testing.assert_close(cln(x, rows), cln(x, cond), rtol=1e-6, atol=1e-6)
 
 
 def test_cln_gradcheck_wrt_input_and_condition_float64():

@@ -788,13 +788,13 @@ def mixed_advantages(cfg: BilevelConfig, b: Batch, r_in: Tensor) -> Tensor:
 def intrinsic_episode_returns(r_in: Tensor, episode_end: Tensor) -> list[float]:
     """Sums of ``r_in`` over the episodes that end inside the batch (env copy by copy)."""
     out = []
-    r = r_in.reshape(r_in.shape[0], -1)
-    ends = episode_end.reshape(r.shape)
+    r = r_in.detach().reshape(r_in.shape[0], -1).cpu().double().numpy()
+    ends = episode_end.reshape(r.shape).cpu().bool().numpy()
     for n in range(r.shape[1]):
         acc = 0.0
-        for t in range(r.shape[0]):
-            acc += float(r[t, n])
-            if bool(ends[t, n]):
+        for x, end in zip(r[:, n].tolist(), ends[:, n].tolist()):
+            acc += x
+            if end:
                 out.append(acc)
                 acc = 0.0
     return out
