@@ -181,6 +181,21 @@ def join_states(a: Any, b: Any) -> Any:
     return a
 
 
+def permute_state(state: Any, order: Tensor) -> Any:
+    """An optimizer state of a flat vector ``x`` -> the state of ``x[order]``: every 1-d
+    tensor of ``len(order)`` entries is indexed by ``order``; counts stay (Adam's moments are
+    per entry, a global-norm clip does not see the order)."""
+    n = order.numel()
+    if isinstance(state, Tensor):
+        return state[order] if state.dim() == 1 and state.numel() == n else state
+    if isinstance(state, list):
+        return [permute_state(x, order) for x in state]
+    if isinstance(state, tuple):
+        items = [permute_state(x, order) for x in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    return state
+
+
 def split_state(state: Any, n: int) -> tuple[Any, Any]:
     """The inverse of :func:`join_states`: the first part has ``n`` entries (copies, not views)."""
     if isinstance(state, ClipByGlobalNormState):

@@ -220,26 +220,37 @@ def critic_values(critic: Critic, params: Mapping[str, Tensor], obs: Tensor) -> 
     return functional_call(critic, dict(params), (obs,))
 
 
+def stack_params(params: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``K`` parameter dicts of one architecture -> one dict of ``[K, ...]`` tensors."""
+    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
+
+
 def stacked_critic_values(
-    critic: Critic, params: Sequence[Mapping[str, Tensor]], obs: Tensor
+    critic: Critic,
+    params: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
+    obs: Tensor,
 ) -> Tensor:
     """``[V_1(obs), ..., V_K(obs)]`` (shape ``[K, B]``) of ``K`` critics of ``critic``'s
     architecture on the same observations ``[B, obs_dim]``, as batched matrix products.
 
-    The same numbers as ``K`` calls of :func:`critic_values` (to float rounding) in one pass:
-    the bilevel trainers' two critics, ``V_mix`` and ``V_ex``, cost about half as much this way.
+    ``params``: the ``K`` critics' parameter dicts, or one dict of their stacked ``[K, ...]``
+    tensors (:func:`stack_params`). The same numbers as ``K`` calls of :func:`critic_values`
+    (to float rounding) in one pass: the bilevel trainers' two critics, ``V_mix`` and ``V_ex``,
+    cost about half as much this way.
     """
+    stacked = params if isinstance(params, Mapping) else stack_params(params)
+    k = next(iter(stacked.values())).shape[0]
     layers = [(f"body.{i}", m) for i, m in enumerate(critic.body)] + [("head", critic.head)]
-    h = obs.unsqueeze(0).expand(len(params), *obs.shape)
+    h = obs.unsqueeze(0).expand(k, *obs.shape)
     for name, m in layers:
         if isinstance(m, nn.Linear):
-            w = torch.stack([p[f"{name}.weight"] for p in params])
-            b = torch.stack([p[f"{name}.bias"] for p in params])
+            w, b = stacked[f"{name}.weight"], stacked[f"{name}.bias"]
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         elif isinstance(m, nn.Tanh):
             h = torch.tanh(h)
         else:  # pragma: no cover - guards future layouts
-            return torch.stack([critic_values(critic, p, obs) for p in params])
+            rows = [{n: t[i] for n, t in stacked.items()} for i in range(k)]
+            return torch.stack([critic_values(critic, p, obs) for p in rows])
     return h.squeeze(-1)
 
 

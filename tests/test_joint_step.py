@@ -94,3 +94,26 @@ def test_join_refuses_states_at_different_counts():
     _, s1 = tx.update((torch.ones(3),), s0, params=(p,), inplace=False)
     with pytest.raises(ConfigError, match="different counts"):
         join_states(s0, s1)
+
+
+def test_permuted_state_steps_like_the_permuted_vector():
+    from metagrad_rl.optim import permute_state
+
+    tx = make_optimizer(0.1, 3, 4, max_grad_norm=1.0, eps_root=1e-8)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(6, generator=gen, dtype=torch.float64)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    s = tx.init((p,))
+    g = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    u, s = tx.update((g[0],), s, params=(p,), inplace=False)
+    p = p + u[0]
+    sp, pp = permute_state(s, order), p[order]  # from here on, the permuted problem
+    for gi in g[1:]:
+        u, s = tx.update((gi,), s, params=(p,), inplace=False)
+        p = p + u[0]
+        up, sp = tx.update((gi[order],), sp, params=(pp,), inplace=False)
+        pp = pp + up[0]
+    torch.testing.assert_close(pp, p[order], rtol=0, atol=1e-15)
+    back = permute_state(sp, torch.argsort(order))
+    for x, y in zip(torch.utils._pytree.tree_leaves(back), torch.utils._pytree.tree_leaves(s)):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-15)

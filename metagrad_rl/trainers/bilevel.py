@@ -70,7 +70,7 @@ from metagrad_rl.networks import (
     params_of,
     policy_log_prob,
 )
-from metagrad_rl.optim import clip_counts, join_states, split_state
+from metagrad_rl.optim import clip_counts, join_states, permute_state, split_state
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.rollout import (
@@ -79,6 +79,7 @@ from metagrad_rl.rollout import (
     Rollout,
     collect_rollout,
     critic_values,
+    stack_params,
     stacked_critic_values,
 )
 from metagrad_rl.trainers import meta_grads, parallel
@@ -667,25 +668,41 @@ def plain_round(
     v = value_targets(cfg, data, adv_mix)
     layout = FlatLayout(state.theta)
     n_theta = sum(layout.sizes)
-    joint = FlatParams({"theta": state.theta, **state.critics.views()}, cfg.device)
-    opt = join_states(layout.flatten_state(state.theta_state), state.critic_state)
+    # the critics as one stacked [V_mix, V_ex] network: entry order `order` of critics.flat
+    order = critic_stack_order(state.critics)
+    crit = state.critics.views()
+    stacked = stack_params([crit["v_mix"], crit["v_ex"]])
+    joint = FlatParams({"theta": state.theta, "critics": stacked}, cfg.device)
+    critic_state = permute_state(state.critic_state, order)
+    opt = join_states(layout.flatten_state(state.theta_state), critic_state)
     total = 0.0
     for idx in rec.minibatches:
         leaves = joint.leaves()
         loss_pi = problem.inner_loss(leaves["theta"], _take(inner, idx), eta_policy=eta)
-        loss_v = value_losses(parts, leaves, v, idx)
+        loss_v = value_losses(parts, leaves["critics"], v, idx)
         (grad,) = flat_grads(loss_pi + loss_v, joint)
         opt = _step(parts.joint_tx, (grad,), opt, (joint.flat,))
         total += float(loss_v.detach())
-    theta_state, state.critic_state = split_state(opt, n_theta)
+    theta_state, critic_state = split_state(opt, n_theta)
+    inverse = torch.argsort(order)
+    state.critic_state = permute_state(critic_state, inverse)
     state.theta = {k: t.detach().clone() for k, t in joint.views()["theta"].items()}
     state.theta_state = detach_state(layout.unflatten_state(theta_state))
     with torch.no_grad():
-        state.critics.flat.copy_(joint.flat[n_theta:])
+        state.critics.flat.copy_(joint.flat[n_theta:][inverse])
     return {
         "v_loss": total / max(len(rec.minibatches), 1),
         "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
     }
+
+
+def critic_stack_order(critics: FlatParams) -> Tensor:
+    """Where each entry of the stacked critics (``stack_params([v_mix, v_ex])`` flattened:
+    per parameter ``V_mix``'s then ``V_ex``'s) sits in ``critics.flat``."""
+    idx = torch.arange(critics.flat.numel(), device=critics.flat.device)
+    views = critics.views(idx)
+    mix, ex = views["v_mix"], views["v_ex"]
+    return torch.cat([torch.stack([mix[k], ex[k]]).reshape(-1) for k in mix])
 
 
 def _take(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
@@ -740,7 +757,8 @@ def critic_round(
     mbs = state.pending.minibatches if state.pending is not None else []
     total = 0.0
     for idx in mbs:
-        loss = value_losses(parts, state.critics.leaves(), v, idx)
+        c = state.critics.leaves()
+        loss = value_losses(parts, [c["v_mix"], c["v_ex"]], v, idx)
         grad = state.critics.flat_grad(loss)
         flat = (state.critics.flat,)
         state.critic_state = _step(parts.critic_tx, (grad,), state.critic_state, flat)
@@ -767,10 +785,11 @@ def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[
     }
 
 
-def value_losses(parts: Parts, leaves: dict[str, Params], v: dict[str, Any], idx: Tensor) -> Tensor:
-    """Both critics' (clipped) value losses on minibatch ``idx``, summed (one batched pass of
-    the two critics, :func:`~metagrad_rl.rollout.stacked_critic_values`)."""
-    values = stacked_critic_values(parts.v_mix, [leaves["v_mix"], leaves["v_ex"]], v["obs"][idx])
+def value_losses(parts: Parts, critics: Any, v: dict[str, Any], idx: Tensor) -> Tensor:
+    """Both critics' (clipped) value losses on minibatch ``idx``, summed, in one batched pass
+    (:func:`~metagrad_rl.rollout.stacked_critic_values`). ``critics``: ``[V_mix's params,
+    V_ex's]`` or their stacked dict (:func:`~metagrad_rl.rollout.stack_params`)."""
+    values = stacked_critic_values(parts.v_mix, critics, v["obs"][idx])
     # value_loss averages over both rows: twice that is the sum of the two critics' losses
     return 2.0 * value_loss(values, v["ret"][:, idx], v["old"][:, idx], v["clip"])
 
