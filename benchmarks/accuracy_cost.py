@@ -281,12 +281,18 @@ def summary(rows: Sequence[Row]) -> list[Row]:
                 "cos_min": float(np.nanmin(c)),
                 "cos_max": float(np.nanmax(c)),
                 "relerr_mean": float(np.nanmean([x["relerr"] for x in g])),
-                "x_plain": float(np.nanmedian([x["x_plain"] for x in g])),
+                "x_plain": _median([x["x_plain"] for x in g]),
                 "graph_mib": float(np.nanmax([x["graph_mib"] for x in g] + [-1.0])),
                 "checkpoints": len(g),
             }
         )
     return out
+
+
+def _median(xs: Sequence[float]) -> float:
+    """The median of the finite values (NaN, without NumPy's all-NaN warning, when none is)."""
+    finite = [x for x in xs if math.isfinite(x)]
+    return float(np.median(finite)) if finite else float("nan")
 
 
 def table(summ: Sequence[Row]) -> str:

@@ -83,7 +83,7 @@ def _path_fd(problem, tx, theta, eta, rounds, outer, surrogate, path, direction,
         return float(
             meta_objective(
                 problem, tx, theta, paths, rounds, outer, surrogate=surrogate, anchor=anchor
-            )
+            ).detach()
         )
 
     def central(step):
