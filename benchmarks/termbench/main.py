@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,15 +14,101 @@ from metagrad_rl.checkpoint import atomic_write_json
 from metagrad_rl.logging import CHECKPOINT_FILE
 from termbench.accuracy import accuracy_tables, plot_accuracy, run_accuracy
 from termbench.bias import mujoco_draws, mujoco_table, run_tabular, tabular_table
-from termbench.common import FULL, OPT_IN_SECTIONS, SECTIONS, SMALL, write_rows
+from termbench.common import FULL, OPT_IN_SECTIONS, SECTIONS, SMALL, Budget, write_rows
 from termbench.cost import cost_tables, plot_cost, probe_main, run_cost
 from termbench.learning import learning_tables, run_learning
 
 
 # =================================================================================================
+# Sections: each runs, writes its rows and plots under ``out`` and prints its tables
+# =================================================================================================
+def section_accuracy(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    rows = run_accuracy(
+        out / "accuracy",
+        total_steps=budget.acc_steps,
+        checkpoints=budget.acc_checkpoints,
+        seed=args.seed,
+        progress=progress,
+    )
+    meta = {"env": "Hopper-v5", "meta_grad": "eq17", "total_steps": budget.acc_steps}
+    write_rows(out, "accuracy", rows, {**meta, "seed": args.seed})
+    if rows:
+        plot_accuracy(rows, out / "accuracy.png")
+    print("\n## Accuracy (CLN on Hopper-v5, every term on the trainer's stored batches)\n")
+    print(accuracy_tables(rows))
+
+
+def section_accuracy_cost(
+    args: argparse.Namespace, budget: Budget, out: Path, progress: bool
+) -> None:
+    import accuracy_cost  # benchmarks/accuracy_cost.py, beside compare_terms.py
+
+    print("\n## Accuracy against cost (truncated and partial meta-gradients)\n")
+    accuracy_cost.main(
+        ["--out", str(out / "accuracy_cost"), "--seed", str(args.seed)]
+        + (["--full"] if args.full else [])
+    )
+
+
+def section_cost(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    res = run_cost(
+        out,
+        reps=budget.cost_reps,
+        explicit_steps=budget.explicit_steps,
+        scaling=budget.scaling,
+        seed=args.seed,
+        memory=not args.no_memory,
+        progress=progress,
+    )
+    write_rows(out, "cost", res["estimators"], {k: v for k, v in res.items() if k != "estimators"})
+    write_rows(out, "cost_growth", res["growth"])
+    plot_cost(res, out / "cost_growth.png")
+    print("\n## Cost (Hopper-v5-sized networks, batch 2048, 10 x 32 minibatches, 1 thread)\n")
+    print(cost_tables(res))
+
+
+def section_learning(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    res = run_learning(out, Path(args.runs), full=args.full, budget=budget, progress=progress)
+    write_rows(out, "learning", res["rows"], {k: v for k, v in res.items() if k != "rows"})
+    print("\n## Learning curves\n")
+    print(learning_tables(res))
+    print("plots: " + ", ".join(res["plots"].values()))
+
+
+def section_bias(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    tab = run_tabular(budget.tabular_batch_sizes)
+    write_rows(out, "bias_tabular", tab)
+    print("\n## Bias and variance\n")
+    print(tabular_table(tab))
+    ckpt = out / "accuracy" / "run" / CHECKPOINT_FILE
+    if not ckpt.is_file():  # the accuracy section did not run: train the state to sample from
+        run_accuracy(
+            out / "accuracy",
+            total_steps=budget.acc_steps,
+            checkpoints=0,
+            seed=args.seed,
+            progress=progress,
+        )
+    mj = mujoco_draws(ckpt, budget.mujoco_draws, args.seed, progress)
+    write_rows(out, "bias_mujoco", mj["rows"], {k: v for k, v in mj.items() if k != "rows"})
+    print()
+    print(mujoco_table(mj))
+
+
+#: Section name -> its runner, in the order they run.
+RUNNERS: dict[str, Callable[[argparse.Namespace, Budget, Path, bool], None]] = {
+    "accuracy": section_accuracy,
+    "accuracy-cost": section_accuracy_cost,
+    "cost": section_cost,
+    "learning": section_learning,
+    "bias": section_bias,
+}
+
+
+# =================================================================================================
 # Main
 # =================================================================================================
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Accuracy, cost, learning and bias/variance of the meta-gradient terms "
         "and estimators. Prints tables; writes CSV/JSON and PNGs under --out.",
@@ -47,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-rounds", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--probe-explicit-steps", type=int, default=32, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.probe:
         row = probe_main(
@@ -61,98 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = FULL if args.full else SMALL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
     torch.set_num_threads(1)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-
-    if "accuracy" in sections:
-        t0 = time.perf_counter()
-        rows = run_accuracy(
-            out / "accuracy",
-            total_steps=budget.acc_steps,
-            checkpoints=budget.acc_checkpoints,
-            seed=args.seed,
-            progress=progress,
-        )
-        write_rows(
-            out,
-            "accuracy",
-            rows,
-            {
-                "env": "Hopper-v5",
-                "meta_grad": "eq17",
-                "total_steps": budget.acc_steps,
-                "seed": args.seed,
-            },
-        )
-        if rows:
-            plot_accuracy(rows, out / "accuracy.png")
-        print("\n## Accuracy (CLN on Hopper-v5, every term on the trainer's stored batches)\n")
-        print(accuracy_tables(rows))
-        timings["accuracy"] = time.perf_counter() - t0
-
-    if "accuracy-cost" in sections:
-        import accuracy_cost  # benchmarks/accuracy_cost.py, beside compare_terms.py
-
-        t0 = time.perf_counter()
-        print("\n## Accuracy against cost (truncated and partial meta-gradients)\n")
-        accuracy_cost.main(
-            ["--out", str(out / "accuracy_cost"), "--seed", str(args.seed)]
-            + (["--full"] if args.full else [])
-        )
-        timings["accuracy-cost"] = time.perf_counter() - t0
-
-    if "cost" in sections:
-        t0 = time.perf_counter()
-        res = run_cost(
-            out,
-            reps=budget.cost_reps,
-            explicit_steps=budget.explicit_steps,
-            scaling=budget.scaling,
-            seed=args.seed,
-            memory=not args.no_memory,
-            progress=progress,
-        )
-        write_rows(
-            out, "cost", res["estimators"], {k: v for k, v in res.items() if k != "estimators"}
-        )
-        write_rows(out, "cost_growth", res["growth"])
-        plot_cost(res, out / "cost_growth.png")
-        print("\n## Cost (Hopper-v5-sized networks, batch 2048, 10 x 32 minibatches, 1 thread)\n")
-        print(cost_tables(res))
-        timings["cost"] = time.perf_counter() - t0
-
-    if "learning" in sections:
-        t0 = time.perf_counter()
-        res = run_learning(out, Path(args.runs), full=args.full, budget=budget, progress=progress)
-        write_rows(out, "learning", res["rows"], {k: v for k, v in res.items() if k != "rows"})
-        print("\n## Learning curves\n")
-        print(learning_tables(res))
-        print("plots: " + ", ".join(res["plots"].values()))
-        timings["learning"] = time.perf_counter() - t0
-
-    if "bias" in sections:
-        t0 = time.perf_counter()
-        tab = run_tabular(budget.tabular_batch_sizes)
-        write_rows(out, "bias_tabular", tab)
-        print("\n## Bias and variance\n")
-        print(tabular_table(tab))
-        ckpt = out / "accuracy" / "run" / CHECKPOINT_FILE
-        if not ckpt.is_file():  # the accuracy section did not run: train the state to sample from
-            run_accuracy(
-                out / "accuracy",
-                total_steps=budget.acc_steps,
-                checkpoints=0,
-                seed=args.seed,
-                progress=progress,
-            )
-        mj = mujoco_draws(ckpt, budget.mujoco_draws, args.seed, progress)
-        write_rows(out, "bias_mujoco", mj["rows"], {k: v for k, v in mj.items() if k != "rows"})
-        print()
-        print(mujoco_table(mj))
-        timings["bias"] = time.perf_counter() - t0
-
+    for name, runner in RUNNERS.items():
+        if name in sections:
+            t0 = time.perf_counter()
+            runner(args, budget, out, not args.no_progress)
+            timings[name] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     atomic_write_json(
         out / "timings.json", {"sections": sections, "full": args.full, "seconds": timings}
