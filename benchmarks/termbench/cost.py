@@ -379,20 +379,7 @@ def run_cost(
     if memory:
         for name in tqdm(fns, desc="cost: memory probes", disable=not progress):
             mem[name] = probe(name, full_round_steps, 1, seed, explicit_steps)
-    rows = []
-    for name, ts in times.items():
-        m = mem.get(name, {})
-        rows.append(
-            {
-                "name": name,
-                "median_s": float(np.median(ts)),
-                "ratio_to_plain_round": ratio_median(times, name, "plain_round"),
-                "ratio_to_exact_total": ratio_median(times, name, "exact_total"),
-                "rss_peak_delta_mib": m.get("rss_peak_delta_bytes", float("nan")) / 2**20,
-                "graph_mib": m.get("graph_bytes", float("nan")) / 2**20,
-                "times_s": ts,
-            }
-        )
+    rows = [estimator_row(name, times, mem.get(name, {})) for name in times]
     eq12 = eq12_product_times(s, eq12_reps, seed)
     eq12_rows = [
         {
@@ -404,36 +391,70 @@ def run_cost(
         }
         for k, v in eq12.items()
     ]
-    # ---- growth with the unrolled steps and rounds
-    grow = []
-    growth_reps = min(reps, 3)
-    for steps, rounds in tqdm(scaling, desc="cost: growth", disable=not progress):
-        g = CostSetup(seed, steps, rounds)
-        t = interleaved_times(
-            {"plain": g.plain_round, "exact_total": g.exact_total},
-            growth_reps,
-            seed,
-            "",
-            progress=False,
-            warmup=False,
-        )
-        row = {
-            "steps_per_round": steps,
-            "rounds": rounds,
-            "inner_steps": steps * rounds,
-            "exact_median_s": float(np.median(t["exact_total"])),
-            "plain_median_s": float(np.median(t["plain"])),
-            "ratio_to_plain": ratio_median(t, "exact_total", "plain"),
-        }
-        if memory:
-            m = probe("exact_total", steps, rounds, seed, explicit_steps)
-            row["rss_peak_delta_mib"] = m["rss_peak_delta_bytes"] / 2**20
-            row["graph_mib"] = m["graph_bytes"] / 2**20
-        grow.append(row)
+    grow = [
+        growth_row(steps, rounds, min(reps, 3), seed, memory, explicit_steps)
+        for steps, rounds in tqdm(scaling, desc="cost: growth", disable=not progress)
+    ]
+    return {
+        "estimators": rows,
+        "eq12": eq12_rows,
+        "growth": grow,
+        "targets": cost_targets(rows, eq12_rows),
+        "reps": reps,
+        "torch_threads": 1,
+        "torch": torch.__version__,
+    }
+
+
+def estimator_row(name: str, times: dict[str, list[float]], mem: dict[str, Any]) -> Row:
+    """One estimator's median time, its ratios to the plain round and the exact total, and
+    its memory (NaN when not probed)."""
+    return {
+        "name": name,
+        "median_s": float(np.median(times[name])),
+        "ratio_to_plain_round": ratio_median(times, name, "plain_round"),
+        "ratio_to_exact_total": ratio_median(times, name, "exact_total"),
+        "rss_peak_delta_mib": mem.get("rss_peak_delta_bytes", float("nan")) / 2**20,
+        "graph_mib": mem.get("graph_bytes", float("nan")) / 2**20,
+        "times_s": times[name],
+    }
+
+
+def growth_row(
+    steps: int, rounds: int, reps: int, seed: int, memory: bool, explicit_steps: int
+) -> Row:
+    """The exact total against a plain round at ``steps`` inner steps per round, ``rounds``
+    rounds (time, and memory from a subprocess probe)."""
+    g = CostSetup(seed, steps, rounds)
+    t = interleaved_times(
+        {"plain": g.plain_round, "exact_total": g.exact_total},
+        reps,
+        seed,
+        "",
+        progress=False,
+        warmup=False,
+    )
+    row = {
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "inner_steps": steps * rounds,
+        "exact_median_s": float(np.median(t["exact_total"])),
+        "plain_median_s": float(np.median(t["plain"])),
+        "ratio_to_plain": ratio_median(t, "exact_total", "plain"),
+    }
+    if memory:
+        m = probe("exact_total", steps, rounds, seed, explicit_steps)
+        row["rss_peak_delta_mib"] = m["rss_peak_delta_bytes"] / 2**20
+        row["graph_mib"] = m["graph_bytes"] / 2**20
+    return row
+
+
+def cost_targets(rows: Sequence[Row], eq12_rows: Sequence[Row]) -> list[Row]:
+    """The section's four targets, each named by what it measures."""
     by = {r["name"]: r for r in rows}
     p12 = {r["name"]: r for r in eq12_rows}
     strict_grad = min(p12["grad_autograd"]["median_s"], p12["grad_func"]["median_s"])
-    targets = [
+    return [
         target(
             "time of the Eq 11-14 split / time of the exact total",
             by["four_terms"]["ratio_to_exact_total"],
@@ -458,15 +479,6 @@ def run_cost(
             1.6,
         ),
     ]
-    return {
-        "estimators": rows,
-        "eq12": eq12_rows,
-        "growth": grow,
-        "targets": targets,
-        "reps": reps,
-        "torch_threads": 1,
-        "torch": torch.__version__,
-    }
 
 
 def target(name: str, value: float, limit: float, unit: str = "") -> Row:
