@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +84,24 @@ def load_state(ckpt_path: Path) -> dict[str, Any]:
     return load_checkpoint(ckpt_path)
 
 
+class DrawSetup(NamedTuple):
+    """What every draw of :func:`mujoco_draws` starts from (one training state)."""
+
+    cfg: CLNConfig
+    policy: Any
+    problem: Any
+    tx: Any
+    theta: Any
+    eta: Any
+    critics: Any
+    v_mix: Critic
+    v_ex: Critic
+    theta_state: Any
+    cond: Tensor
+    normalisers: dict[str, Any]
+    baseline: float
+
+
 def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) -> dict[str, Any]:
     """From one training state: ``draws`` independent (tau_k, tau_{k+1}) and both estimates.
 
@@ -96,84 +114,109 @@ def mujoco_draws(ckpt_path: Path, draws: int, seed: int, progress: bool = True) 
     20 episodes (fixed before sampling) and with ``b = 0``.
     """
     ckpt = load_state(ckpt_path)
-    from metagrad_rl import config as C
-
-    cfg = C.from_dict(CLNConfig, ckpt["config"])
-    obs_dim, act_dim = env_dims(cfg.env)
-    policy, reward = nets_for(cfg, obs_dim, act_dim)
-    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
-    theta, eta = ckpt["theta"], ckpt["eta"]
-    v_mix, v_ex = Critic(obs_dim, cfg.hidden), Critic(obs_dim, cfg.hidden)
-    crit = ckpt["critics"]
-    theta_state = optimizer_state_from_list(tx.init(theta), ckpt["theta_state"])
-    cond = cln_condition(eta).detach()
-    baseline = float(np.mean(ckpt["recent_returns"])) if ckpt["recent_returns"] else 0.0
-    plain, glp, w_b, w_0, j_hat = [], [], [], [], []
-    for m in tqdm(range(draws), desc="bias: Hopper draws", disable=not progress):
-        col = collector_for(cfg, seed=50_000 + 97 * m + seed)
-        col.obs_norm.load_state_dict(ckpt["collector"]["obs_norm"])
-        col.rew_scaler.load_state_dict(ckpt["collector"]["rew_scaler"])
-        col.obs = col.obs_norm(col.envs.reset(), update=False)
-        ro = collect_rollout(col, policy, theta, v_mix, crit["v_mix"], cfg.num_steps, cond)
-        gen = torch.Generator().manual_seed(seed * 1000 + m)
-        mbs = round_schedule(cfg, gen)  # the trainer's minibatch schedule
-        rb = round_batch(ro.batch, ro.batch.values, ro.batch.next_values)
-        pending = start_meta_gradient(
-            problem,
-            tx,
-            theta,
-            eta,
-            [Round(rb, mbs)],
-            opt_state=theta_state,
-            surrogate=cfg.surrogate,
-            terms=False,
-        )
-        val = collect_rollout(
-            col, policy, pending.theta_next, v_mix, crit["v_mix"], cfg.num_steps, cond
-        )
-        b = val.batch
-        with torch.no_grad():
-            adv = gae(
-                b.r_ex,
-                critic_values(v_ex, crit["v_ex"], b.obs),
-                critic_values(v_ex, crit["v_ex"], b.next_obs),
-                b.terminated,
-                b.episode_end,
-                cfg.gamma,
-                cfg.gae_lambda,
-            )
-        outer = {
-            "obs": b.obs.reshape(-1, obs_dim),
-            "act": b.act.reshape(-1, act_dim),
-            "adv_ex": adv.reshape(-1),
-        }
-        res = pending.finish(outer, denominator=cfg.denominator, score_weight=1.0)
-        scale = bilevel.reward_scale(col)
-        w = score_weight(val.episodes, baseline, scale, adv)
-        w0 = score_weight(val.episodes, 0.0, scale, adv)
-        col.envs.close()
-        plain.append(flatten(res.total))
-        glp.append(flatten(res.score))
-        w_b.append(0.0 if w is None else w)
-        w_0.append(0.0 if w0 is None else w0)
-        j_hat.append(float(np.mean(val.episodes.returns)) if val.episodes.returns else float("nan"))
-    P, L = torch.stack(plain), torch.stack(glp)
+    setup = draw_setup(ckpt)
+    out = [
+        one_draw(setup, 50_000 + 97 * m + seed, seed * 1000 + m)
+        for m in tqdm(range(draws), desc="bias: Hopper draws", disable=not progress)
+    ]
+    P, L = torch.stack([d["total"] for d in out]), torch.stack([d["score"] for d in out])
+    w_b, w_0 = [d["w_b"] for d in out], [d["w_0"] for d in out]
     ests = {
         "plain (exact total)": P,
         "sampling-aware, b = J(theta_k)": P + torch.tensor(w_b)[:, None] * L,
         "sampling-aware, b = 0": P + torch.tensor(w_0)[:, None] * L,
     }
-    rows = variance_rows(ests)
     return {
-        "rows": rows,
+        "rows": variance_rows(ests),
         "draws": draws,
-        "baseline": baseline,
-        "env": cfg.env,
+        "baseline": setup.baseline,
+        "env": setup.cfg.env,
         "checkpoint_step": int(ckpt["global_step"]),
-        "j_hat": j_hat,
+        "j_hat": [d["j_hat"] for d in out],
         "w_b": w_b,
         "w_0": w_0,
         "norm_grad_log_p": [float(x.norm()) for x in L],
+    }
+
+
+def draw_setup(ckpt: dict[str, Any]) -> DrawSetup:
+    """Networks, problem, optimizer and state of a CLN checkpoint, ready for draws."""
+    from metagrad_rl import config as C
+
+    cfg = C.from_dict(CLNConfig, ckpt["config"])
+    obs_dim, act_dim = env_dims(cfg.env)
+    policy, reward = nets_for(cfg, obs_dim, act_dim)
+    tx = policy_optimizer(cfg)
+    recent = ckpt["recent_returns"]
+    return DrawSetup(
+        cfg=cfg,
+        policy=policy,
+        problem=build_problem(cfg, policy, reward),
+        tx=tx,
+        theta=ckpt["theta"],
+        eta=ckpt["eta"],
+        critics=ckpt["critics"],
+        v_mix=Critic(obs_dim, cfg.hidden),
+        v_ex=Critic(obs_dim, cfg.hidden),
+        theta_state=optimizer_state_from_list(tx.init(ckpt["theta"]), ckpt["theta_state"]),
+        cond=cln_condition(ckpt["eta"]).detach(),
+        normalisers=ckpt["collector"],
+        baseline=float(np.mean(recent)) if recent else 0.0,
+    )
+
+
+def one_draw(s: DrawSetup, env_seed: int, order_seed: int) -> dict[str, Any]:
+    """One (tau_k, tau_{k+1}) from the checkpoint: the exact total, the score term and the
+    trainer's score weights (with the baseline and with 0)."""
+    cfg, crit = s.cfg, s.critics
+    col = collector_for(cfg, seed=env_seed)
+    col.obs_norm.load_state_dict(s.normalisers["obs_norm"])
+    col.rew_scaler.load_state_dict(s.normalisers["rew_scaler"])
+    col.obs = col.obs_norm(col.envs.reset(), update=False)
+    ro = collect_rollout(col, s.policy, s.theta, s.v_mix, crit["v_mix"], cfg.num_steps, s.cond)
+    mbs = round_schedule(cfg, torch.Generator().manual_seed(order_seed))  # the trainer's
+    rb = round_batch(ro.batch, ro.batch.values, ro.batch.next_values)
+    pending = start_meta_gradient(
+        s.problem,
+        s.tx,
+        s.theta,
+        s.eta,
+        [Round(rb, mbs)],
+        opt_state=s.theta_state,
+        surrogate=cfg.surrogate,
+        terms=False,
+    )
+    val = collect_rollout(
+        col, s.policy, pending.theta_next, s.v_mix, crit["v_mix"], cfg.num_steps, s.cond
+    )
+    b = val.batch
+    with torch.no_grad():
+        adv = gae(
+            b.r_ex,
+            critic_values(s.v_ex, crit["v_ex"], b.obs),
+            critic_values(s.v_ex, crit["v_ex"], b.next_obs),
+            b.terminated,
+            b.episode_end,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
+    outer = {
+        "obs": b.obs.reshape(-1, b.obs.shape[-1]),
+        "act": b.act.reshape(-1, b.act.shape[-1]),
+        "adv_ex": adv.reshape(-1),
+    }
+    res = pending.finish(outer, denominator=cfg.denominator, score_weight=1.0)
+    scale = bilevel.reward_scale(col)
+    w = score_weight(val.episodes, s.baseline, scale, adv)
+    w0 = score_weight(val.episodes, 0.0, scale, adv)
+    col.envs.close()
+    returns = val.episodes.returns
+    return {
+        "total": flatten(res.total),
+        "score": flatten(res.score),
+        "w_b": 0.0 if w is None else w,
+        "w_0": 0.0 if w0 is None else w0,
+        "j_hat": float(np.mean(returns)) if returns else float("nan"),
     }
 
 
