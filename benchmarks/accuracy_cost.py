@@ -156,30 +156,24 @@ def estimator_rows(
     the graph of the exact total and of each truncation is measured too (separate calls).
     """
     kw = dict(opt_state=state, surrogate=cfg.surrogate, denominator=cfg.denominator)
-    exact, t_exact = timed(lambda: meta_gradient(problem, tx, theta, eta, rounds, outer, **kw))
-    g17 = flatten(exact.eq17)
-    total = flatten(exact.total)
+    args = (problem, tx, theta, eta, rounds, outer)
+    exact, t_exact = timed(lambda: meta_gradient(*args, **kw))
+    g17, total = flatten(exact.eq17), flatten(exact.total)
     mib: dict[str, float] = {}
     if memory:
-        mib["exact"] = graph_mib(problem, tx, theta, eta, rounds, outer, terms=False, **kw)
-    tn = float(total.norm())
+        mib["exact"] = graph_mib(*args, terms=False, **kw)
     ests: dict[str, tuple[Tensor, float]] = {"exact": (total, t_exact)}
     same = {"exact"}  # estimators read off the exact total's own unroll and backward pass
     for k in KS_R1 if len(rounds) == 1 else KS_R2:
+        name = f"truncated-k{k}"
         if k >= sum(len(r.minibatches) for r in rounds):
-            ests[f"truncated-k{k}"] = (total, t_exact)
-            same.add(f"truncated-k{k}")
+            ests[name] = (total, t_exact)
+            same.add(name)
             continue
-        res, t = timed(
-            lambda k=k: meta_gradient(
-                problem, tx, theta, eta, rounds, outer, terms=False, truncate=k, **kw
-            )
-        )
-        ests[f"truncated-k{k}"] = (flatten(res.total), t)
+        res, t = timed(lambda k=k: meta_gradient(*args, terms=False, truncate=k, **kw))
+        ests[name] = (flatten(res.total), t)
         if memory:
-            mib[f"truncated-k{k}"] = graph_mib(
-                problem, tx, theta, eta, rounds, outer, terms=False, truncate=k, **kw
-            )
+            mib[name] = graph_mib(*args, terms=False, truncate=k, **kw)
     live = [n for n in TERMS if len(rounds) > 1 or n != "eq14"]
     for size in range(1, len(live)):
         for names in itertools.combinations(live, size):
@@ -196,28 +190,32 @@ def estimator_rows(
         ests["constant-clip-factor"] = (flatten(res.total), t)
     if look is not None:
         ests["lirpg-lookahead"] = (flatten(look[0].eq13), look[1])
-        ests["three-term-lookahead"] = (
-            g17 + flatten(look[0].eq12) + flatten(look[0].eq13),
-            look[1],
-        )
-    rows = []
-    for name, (g, t) in ests.items():
-        rows.append(
-            {
-                "R": len(rounds),
-                "estimator": name,
-                "cos": cos(g, total),
-                "relerr": float((g - total).norm()) / tn if tn else math.nan,
-                "norm": float(g.norm()),
-                "norm_exact": tn,
-                "time_s": t,
-                "x_plain": t / plain_s if math.isfinite(t) else math.nan,
-                "graph_mib": mib.get(
-                    name, mib.get("exact", math.nan) if name in same else math.nan
-                ),
-            }
-        )
-    return rows
+        three = g17 + flatten(look[0].eq12) + flatten(look[0].eq13)
+        ests["three-term-lookahead"] = (three, look[1])
+    for name in same:
+        mib.setdefault(name, mib.get("exact", math.nan))
+    return [
+        compare_row(len(rounds), name, g, t, total, plain_s, mib.get(name, math.nan))
+        for name, (g, t) in ests.items()
+    ]
+
+
+def compare_row(
+    R: int, name: str, g: Tensor, t: float, total: Tensor, plain_s: float, graph: float
+) -> Row:
+    """One estimate ``g`` against the exact ``total``: cosine, relative error, time, memory."""
+    tn = float(total.norm())
+    return {
+        "R": R,
+        "estimator": name,
+        "cos": cos(g, total),
+        "relerr": float((g - total).norm()) / tn if tn else math.nan,
+        "norm": float(g.norm()),
+        "norm_exact": tn,
+        "time_s": t,
+        "x_plain": t / plain_s if math.isfinite(t) else math.nan,
+        "graph_mib": graph,
+    }
 
 
 def checkpoint_rows(
