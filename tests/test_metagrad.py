@@ -464,3 +464,18 @@ def test_user_problem_against_closed_form():
     torch.testing.assert_close(res.eq12["e"], -lr * 2 * e * t0 * v)  # dtheta'/deta_p
     torch.testing.assert_close(res.eq14["e"], torch.zeros(dim, dtype=torch.float64))
     torch.testing.assert_close(res.total["e"], d + lr * A.T @ v - lr * 2 * e * t0 * v)
+
+
+def test_conditioning_terms_never_reach_the_reward_networks_body():
+    """Eq 11/12/17 reach eta only through cln_condition (bottleneck and head): 0 on the body;
+    Eq 13 goes through the reward itself and moves every layer."""
+    from metagrad_rl.networks import CONDITION_KEYS
+
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=1, steps=3)
+    res = meta_gradient(problem, OPTIMIZERS["adam"](), theta, eta, rounds, outer)
+    body = [k for k in eta if k not in CONDITION_KEYS]
+    assert body and all(k in eta for k in CONDITION_KEYS)
+    for term in (res.eq11, res.eq12, res.eq17):
+        assert all(float(term[k].abs().max()) == 0.0 for k in body)
+        assert any(float(term[k].abs().max()) > 0.0 for k in CONDITION_KEYS)
+    assert all(float(res.eq13[k].abs().max()) > 0.0 for k in body if k.endswith("weight"))
