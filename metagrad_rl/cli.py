@@ -109,12 +109,12 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     train.add_argument(
         "--nproc",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="run N data-parallel workers on this machine (what `torchrun --standalone "
         "--nproc-per-node N -m metagrad_rl train ...` starts): each its own envs and seed, "
         "gradients and statistics averaged; --num-steps and --total-steps count one worker's "
-        "steps (default: 1)",
+        "steps (default: 1; with --resume, as many as the resumed run had)",
     )
     train.add_argument(
         "--worker-timeout",
@@ -240,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metagrad_rl.distributed import init_workers
     from metagrad_rl.trainers import parallel
 
+    if args.nproc is None:
+        args.nproc = _resumed_workers(args) if args.resume and "WORLD_SIZE" not in os.environ else 1
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} is invalid: expected a positive int")
     if not args.worker_timeout > 0:
@@ -257,6 +259,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     C.torch_device("--device", device)  # one line before any process group is joined
     with init_workers(device, timeout_s=args.worker_timeout) as w:
         return _train_worker(args, w.is_main)
+
+
+def _resumed_workers(args: argparse.Namespace) -> int:
+    """How many workers wrote the checkpoint ``--resume`` continues (1 when there is none
+    yet: the resume then fails with its own one-line error)."""
+    from metagrad_rl.checkpoint import load_checkpoint
+    from metagrad_rl.logging import resume_checkpoint
+    from metagrad_rl.trainers.parallel import NUM_WORKERS_KEY
+
+    try:
+        path = resume_checkpoint(args.out)
+    except ConfigError:
+        return 1
+    return int(load_checkpoint(path).get(NUM_WORKERS_KEY, 1))
 
 
 def _train_worker(args: argparse.Namespace, is_main: bool) -> int:

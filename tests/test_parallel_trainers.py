@@ -233,3 +233,22 @@ def test_nproc_is_left_out_of_the_workers_command_line():
 
     argv = ["train", "--nproc", "2", "--out", "x", "--nproc=3", "--seed", "1"]
     assert without_flag(argv, "--nproc") == ["train", "--out", "x", "--seed", "1"]
+
+
+def test_cli_resume_takes_the_number_of_workers_from_the_run(tmp_path):
+    """``--resume`` without ``--nproc`` starts as many workers as the run was trained with."""
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "metagrad_rl", "train", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WORLD_SIZE", None)
+    first = base + ["--algo", "ppo", "--env", "InvertedPendulum-v5", "--num-steps", "64"]
+    first += ["--num-minibatches", "2", "--update-epochs", "1", "--total-steps", "128"]
+    r = subprocess.run(
+        first + ["--nproc", "2"], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert r.returncode == 0, r.stderr
+    again = base + ["--resume", "--total-steps", "256"]
+    r = subprocess.run(again, capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "checkpoint.pt")["num_workers"] == 2
+    assert [int(x["global_step"]) for x in _rows(out)] == [64, 128, 192, 256]
