@@ -62,12 +62,16 @@ def global_norm(updates: Any, norm_type: float = 2.0) -> Tensor:
     if norm_type == math.inf:
         return torch.stack([u.abs().max() for u in leaves]).max()
     if norm_type == 2.0:
-        sq = torch.stack([u.square().sum() for u in leaves]).sum()
-        positive = sq > 0
-        return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
+        return _guarded_sqrt(torch.stack([u.square().sum() for u in leaves]).sum())
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(u, norm_type) for u in leaves]), norm_type
     )
+
+
+def _guarded_sqrt(sq: Tensor) -> Tensor:
+    """``sqrt(sq)`` with finite first and second derivatives at ``sq = 0`` (0 there)."""
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
 
 
 def clip_grad_norm(
@@ -119,7 +123,7 @@ def clip_grad_norm(
         if not torchopt.pytree.tree_leaves(updates):
             return updates, state
         if sizes is not None:
-            return _clip_segments(updates, state, inplace)
+            return _clip_segments(updates, state, inplace, sizes, max_norm, eps, norm_type)
         scale = max_norm / (global_norm(updates, norm_type) + eps)
         factor = torch.clamp(scale, max=1.0)
         state = ClipByGlobalNormState(state.fired + (scale.detach() < 1.0).long(), state.steps + 1)
@@ -127,33 +131,40 @@ def clip_grad_norm(
             return torchopt.pytree.tree_map(lambda g: g.mul_(factor), updates), state
         return torchopt.pytree.tree_map(lambda g: g * factor, updates), state
 
-    def _clip_segments(updates: Any, state: Any, inplace: bool) -> tuple[Any, Any]:
-        assert sizes is not None
-        leaves, spec = torchopt.pytree.tree_flatten(updates)
-        if len(leaves) != 1 or leaves[0].dim() != 1 or leaves[0].numel() != sum(sizes):
-            got = [tuple(t.shape) for t in leaves]
-            raise ConfigError(
-                f"clip_grad_norm(segments={sizes}) needs one flat vector of {sum(sizes)} "
-                f"entries: got leaves shaped {got}"
-            )
-        parts = torch.split(leaves[0], sizes)
-        if norm_type == 2.0:  # the guarded sqrt of global_norm, for all parts at once
-            sq = torch.stack([torch.dot(p, p) for p in parts])
-            positive = sq > 0
-            norms = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
-        else:
-            norms = torch.stack([global_norm(p, norm_type) for p in parts])
-        scales = max_norm / (norms + eps)
-        factors = torch.clamp(scales, max=1.0)
-        state = ClipByGlobalNormState(state.fired + (scales.detach() < 1.0).long(), state.steps + 1)
-        if inplace:
-            for p, f in zip(parts, factors.unbind()):
-                p.mul_(f)
-            return updates, state
-        out = torch.cat([p * f for p, f in zip(parts, factors.unbind())])
-        return torchopt.pytree.tree_unflatten(spec, [out]), state
-
     return GradientTransformation(init_fn, update_fn)
+
+
+def _clip_segments(
+    updates: Any,
+    state: ClipByGlobalNormState,
+    inplace: bool,
+    sizes: list[int],
+    max_norm: float,
+    eps: float,
+    norm_type: float,
+) -> tuple[Any, ClipByGlobalNormState]:
+    """:func:`clip_grad_norm` with ``segments``: each part of one flat vector by its norm."""
+    leaves, spec = torchopt.pytree.tree_flatten(updates)
+    if len(leaves) != 1 or leaves[0].dim() != 1 or leaves[0].numel() != sum(sizes):
+        got = [tuple(t.shape) for t in leaves]
+        raise ConfigError(
+            f"clip_grad_norm(segments={sizes}) needs one flat vector of {sum(sizes)} "
+            f"entries: got leaves shaped {got}"
+        )
+    parts = torch.split(leaves[0], sizes)
+    if norm_type == 2.0:  # global_norm's guarded sqrt, for all parts at once
+        norms = _guarded_sqrt(torch.stack([torch.dot(p, p) for p in parts]))
+    else:
+        norms = torch.stack([global_norm(p, norm_type) for p in parts])
+    scales = max_norm / (norms + eps)
+    factors = torch.clamp(scales, max=1.0).unbind()
+    state = ClipByGlobalNormState(state.fired + (scales.detach() < 1.0).long(), state.steps + 1)
+    if inplace:
+        for p, f in zip(parts, factors):
+            p.mul_(f)
+        return updates, state
+    out = torch.cat([p * f for p, f in zip(parts, factors)])
+    return torchopt.pytree.tree_unflatten(spec, [out]), state
 
 
 def join_states(a: Any, b: Any) -> Any:
@@ -186,14 +197,10 @@ def permute_state(state: Any, order: Tensor) -> Any:
     tensor of ``len(order)`` entries is indexed by ``order``; counts stay (Adam's moments are
     per entry, a global-norm clip does not see the order)."""
     n = order.numel()
-    if isinstance(state, Tensor):
-        return state[order] if state.dim() == 1 and state.numel() == n else state
-    if isinstance(state, list):
-        return [permute_state(x, order) for x in state]
-    if isinstance(state, tuple):
-        items = [permute_state(x, order) for x in state]
-        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
-    return state
+    return torchopt.pytree.tree_map(
+        lambda t: t[order] if isinstance(t, Tensor) and t.dim() == 1 and t.numel() == n else t,
+        state,
+    )
 
 
 def split_state(state: Any, n: int) -> tuple[Any, Any]:

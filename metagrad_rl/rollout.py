@@ -225,20 +225,14 @@ def stack_params(params: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
-def stacked_critic_values(
-    critic: Critic,
-    params: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
-    obs: Tensor,
-) -> Tensor:
+def stacked_critic_values(critic: Critic, stacked: Mapping[str, Tensor], obs: Tensor) -> Tensor:
     """``[V_1(obs), ..., V_K(obs)]`` (shape ``[K, B]``) of ``K`` critics of ``critic``'s
     architecture on the same observations ``[B, obs_dim]``, as batched matrix products.
 
-    ``params``: the ``K`` critics' parameter dicts, or one dict of their stacked ``[K, ...]``
-    tensors (:func:`stack_params`). The same numbers as ``K`` calls of :func:`critic_values`
-    (to float rounding) in one pass: the bilevel trainers' two critics, ``V_mix`` and ``V_ex``,
-    cost about half as much this way.
+    ``stacked``: the critics' parameters as ``[K, ...]`` tensors (:func:`stack_params`). The
+    same numbers as ``K`` calls of :func:`critic_values` (to float rounding) in one pass: the
+    bilevel trainers' two critics, ``V_mix`` and ``V_ex``, cost about half as much this way.
     """
-    stacked = params if isinstance(params, Mapping) else stack_params(params)
     k = next(iter(stacked.values())).shape[0]
     layers = [(f"body.{i}", m) for i, m in enumerate(critic.body)] + [("head", critic.head)]
     h = obs.unsqueeze(0).expand(k, *obs.shape)
@@ -249,8 +243,7 @@ def stacked_critic_values(
         elif isinstance(m, nn.Tanh):
             h = torch.tanh(h)
         else:  # pragma: no cover - guards future layouts
-            rows = [{n: t[i] for n, t in stacked.items()} for i in range(k)]
-            return torch.stack([critic_values(critic, p, obs) for p in rows])
+            raise TypeError(f"stacked_critic_values cannot batch layer {m!r}")
     return h.squeeze(-1)
 
 

@@ -10,7 +10,12 @@ import torch
 from metagrad_rl.envs import RewardScaler, RunningMeanStd, VecEnv
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.networks import Critic, GaussianPolicy, params_of
-from metagrad_rl.rollout import collect_rollout, critic_values, stacked_critic_values
+from metagrad_rl.rollout import (
+    collect_rollout,
+    critic_values,
+    stack_params,
+    stacked_critic_values,
+)
 from metagrad_rl.trainers.common import make_collector
 
 
@@ -115,7 +120,7 @@ def test_stacked_critic_values_equal_one_call_per_critic():
     critics = [Critic(5, (16, 8)).double() for _ in range(3)]
     params = [dict(c.named_parameters()) for c in critics]
     obs = torch.randn(11, 5, dtype=torch.float64)
-    got = stacked_critic_values(critics[0], params, obs)
+    got = stacked_critic_values(critics[0], stack_params(params), obs)
     want = torch.stack([critic_values(c, p, obs) for c, p in zip(critics, params)])
     assert got.shape == (3, 11)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)

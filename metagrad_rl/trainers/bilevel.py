@@ -222,6 +222,9 @@ class Parts:
     plain_problem: MetaProblem | None = None
     """``problem`` with plain collectives, for a policy round that is not differentiated
     (several workers; ``None``: ``problem``)."""
+    critic_order: Tensor | None = None
+    """Where each entry of the plain round's stacked critics sits in ``critics.flat``
+    (:func:`critic_stack_order`)."""
 
 
 @dataclass
@@ -384,6 +387,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     segments = (sum(t.numel() for t in theta.values()), critics.flat.numel())
     joint = optimizer_for(cfg, cfg.adam_eps_root, lr_restart, segments)
     parts.joint_tx = par.averaged(joint, plain=True)
+    parts.critic_order = critic_stack_order(critics)
     par.sync_([*theta.values(), *eta.values(), critics.flat])
     state = BilevelState(
         theta=theta,
@@ -669,7 +673,8 @@ def plain_round(
     layout = FlatLayout(state.theta)
     n_theta = sum(layout.sizes)
     # the critics as one stacked [V_mix, V_ex] network: entry order `order` of critics.flat
-    order = critic_stack_order(state.critics)
+    order = parts.critic_order
+    assert order is not None
     crit = state.critics.views()
     stacked = stack_params([crit["v_mix"], crit["v_ex"]])
     joint = FlatParams({"theta": state.theta, "critics": stacked}, cfg.device)
@@ -690,10 +695,7 @@ def plain_round(
     state.theta_state = detach_state(layout.unflatten_state(theta_state))
     with torch.no_grad():
         state.critics.flat.copy_(joint.flat[n_theta:][inverse])
-    return {
-        "v_loss": total / max(len(rec.minibatches), 1),
-        "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
-    }
+    return critic_stats(v, total, len(rec.minibatches))
 
 
 def critic_stack_order(critics: FlatParams) -> Tensor:
@@ -758,14 +760,20 @@ def critic_round(
     total = 0.0
     for idx in mbs:
         c = state.critics.leaves()
-        loss = value_losses(parts, [c["v_mix"], c["v_ex"]], v, idx)
+        loss = value_losses(parts, stack_params([c["v_mix"], c["v_ex"]]), v, idx)
         grad = state.critics.flat_grad(loss)
         flat = (state.critics.flat,)
         state.critic_state = _step(parts.critic_tx, (grad,), state.critic_state, flat)
         total += float(loss.detach())
+    return critic_stats(v, total, len(mbs))
+
+
+def critic_stats(v: dict[str, Any], total_loss: float, steps: int) -> dict[str, float]:
+    """The critic columns: mean value loss over the round's steps and ``V_ex``'s explained
+    variance (its old values against its returns, row 1 of ``v``)."""
     return {
-        "v_loss": total / max(len(mbs), 1),
-        "explained_variance": explained_variance(v["old_ex"], v["ret_ex"]),
+        "v_loss": total_loss / max(steps, 1),
+        "explained_variance": explained_variance(v["old"][1], v["ret"][1]),
     }
 
 
@@ -779,16 +787,14 @@ def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[
         "obs": b.obs.reshape(-1, b.obs.shape[-1]),
         "ret": torch.stack([ret_mix, ret_ex]),
         "old": torch.stack([old_mix, old_ex]),
-        "ret_ex": ret_ex,
-        "old_ex": old_ex,
         "clip": cfg.clip_coef if cfg.clip_vloss else None,
     }
 
 
-def value_losses(parts: Parts, critics: Any, v: dict[str, Any], idx: Tensor) -> Tensor:
+def value_losses(parts: Parts, critics: Params, v: dict[str, Any], idx: Tensor) -> Tensor:
     """Both critics' (clipped) value losses on minibatch ``idx``, summed, in one batched pass
-    (:func:`~metagrad_rl.rollout.stacked_critic_values`). ``critics``: ``[V_mix's params,
-    V_ex's]`` or their stacked dict (:func:`~metagrad_rl.rollout.stack_params`)."""
+    (:func:`~metagrad_rl.rollout.stacked_critic_values`); ``critics`` is
+    ``stack_params([V_mix's params, V_ex's])``."""
     values = stacked_critic_values(parts.v_mix, critics, v["obs"][idx])
     # value_loss averages over both rows: twice that is the sum of the two critics' losses
     return 2.0 * value_loss(values, v["ret"][:, idx], v["old"][:, idx], v["clip"])
