@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 import torchopt
+from termbench.common import write_rows
+from termbench.plots import pyplot, save_png
 from torch import Tensor
 
-from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.envs import make_env
 from metagrad_rl.metagrad import TERMS, eq17_gradient, flatten, meta_gradient
 from metagrad_rl.networks import GaussianPolicy, IntrinsicReward
@@ -326,13 +327,8 @@ PLOTTED = {
 def plot(summ: Sequence[Row], path: Path) -> None:
     """Cosine with the exact total against time, one colour per estimator, one panel per
     inner optimizer; circles R = 1, squares R = 2 (truncated-k640 is R = 2's exact)."""
-    import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, opt in zip(axes, ("adam", "sgd")):
         for s in summ:
@@ -357,11 +353,7 @@ def plot(summ: Sequence[Row], path: Path) -> None:
         plt.Line2D([], [], marker="o", linestyle="", color=c, label=n) for n, c in PLOTTED.items()
     ]
     fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.83, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, rect=(0, 0, 0.83, 1))
 
 
 # ============================================================================ main
@@ -388,16 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in checkpoint_rows(problem, cfg, i, step, prev, memory=n == 0)
     ]
     summ = summary(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "accuracy_cost.json", {"rows": rows, "summary": summ})
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(args.out / "accuracy_cost.csv", buf.getvalue().encode())
+    rows = [dict(sorted(r.items())) for r in rows]  # the CSV's columns in name order
+    write_rows(args.out, "accuracy_cost", rows, {"summary": summ})
     plot(summ, args.out / "accuracy_cost.png")
     print(table(summ))
     print(

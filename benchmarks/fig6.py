@@ -4,10 +4,11 @@ The paper reports the intrinsic reward of its Hopper agent flat, with occasional
 for about 3 million steps, then rising without end even after the policy has converged. This
 reads the ``progress.csv`` of such runs (``metagrad-rl train --algo cln --meta-grad eq17
 --env Hopper-v5 --total-steps 3000000 --seed S``) and draws, against environment steps, each
-run's extrinsic episodic return and intrinsic return per episode (the sum of ``r_in`` over an
-episode), smoothed over a window of iterations, with the mean over runs. It prints and writes
-(``fig6.csv``, ``fig6.json``) both returns averaged over bins of steps, and the slope of each in
-every bin, so that "flat", "rising" and "converged" are numbers.
+run's extrinsic episodic return, intrinsic return per episode (the sum of ``r_in`` over an
+episode) and intrinsic reward per step, smoothed over a window of iterations. It prints and
+writes (``fig6.csv``; ``fig6.json`` with the bins as ``rows``) each of them averaged over
+bins of steps and over runs, with its slope in every bin, so that "flat", "rising" and
+"converged" are numbers.
 
     .venv/bin/python benchmarks/fig6.py runs/fig6-s1 runs/fig6-s2 --out bench_out/fig6
 """
@@ -15,14 +16,13 @@ every bin, so that "flat", "rising" and "converged" are numbers.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from termbench.common import write_rows
+from termbench.plots import legend_outside, pyplot, save_png
 
-from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.plotting import load_curve
 
@@ -67,26 +67,17 @@ def binned(runs: dict[str, dict[str, tuple]], bin_steps: int) -> list[dict[str, 
 
 
 def plot(runs: dict[str, dict[str, tuple]], window: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(METRICS), 1, figsize=(9, 8.5), sharex=True)
+    fig, axes = pyplot().subplots(len(METRICS), 1, figsize=(9, 8.5), sharex=True)
     for ax, (m, label) in zip(axes, METRICS.items()):
         for name, curves in runs.items():
             s, v = curves[m]
             ax.plot(s / 1e6, smooth(v, window), lw=1.0, alpha=0.8, label=name)
         ax.set_ylabel(f"{label}\n(trailing mean of {window} iterations)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend_outside(axes[0])
     axes[-1].set_xlabel("environment steps (millions)")
     fig.suptitle("Figure 6: CLN (eq17) on Hopper-v5, extrinsic and intrinsic returns")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,13 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         cells = "".join(f" {r[f'{m}_mean']:16.3f} {r[f'{m}_slope_per_1M']:8.2f}" for m in METRICS)
         print(f"{r['from_step']:>9}-{r['to_step']:<9}" + cells)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / "fig6.csv", buf.getvalue().encode())
     last = {n: int(c["episodic_return"][0][-1]) for n, c in runs.items()}
-    atomic_write_json(out / "fig6.json", {"args": vars(a), "last_step": last, "bins": rows})
+    write_rows(out, "fig6", rows, {"args": vars(a), "last_step": last})  # rows: the bins
     print(f"wrote {out / 'fig6.png'}, fig6.csv and fig6.json")
     return 0
 

@@ -17,8 +17,6 @@ Prints a table (steps/s of each, their ratio, mean return of the last 20 episode
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 import tempfile
 import time
@@ -27,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from termbench.common import write_rows
 
-from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.trainers.ppo import PPOConfig, train
 
 
@@ -169,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"ratio (ours / SB3): {summary['ratio']:.2f}x")
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    atomic_write_json(out / "results.json", {"summary": summary, "runs": rows})
+    write_rows(out, "results", rows, {"summary": summary})  # rows: the runs
     print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
     return 0
 

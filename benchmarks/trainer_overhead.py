@@ -10,15 +10,13 @@ Usage::
 
     .venv/bin/python benchmarks/trainer_overhead.py --env Hopper-v5 --total-steps 30720 --repeats 3
 
-Prints a table, then writes ``results.csv`` (one row per run) and ``results.json`` (runs and
-ratios) under ``--out``.
+Prints a table, then writes ``results.csv`` (one row per run) and ``results.json`` (the runs
+as ``rows``, and the ratios) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import tempfile
@@ -27,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from termbench.common import write_rows
 
-from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.trainers import bilevel, meta_grads, ppo
 
 #: the target of issue "trainer rebuilt": a CLN eq17 run at most this many times a PPO run
@@ -123,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: CLN eq17 at most {TARGET}x a PPO run: {'MET' if ok else 'MISS'}{why}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    atomic_write_json(out / "results.json", {"args": vars(a), "runs": rows, "ratios": table})
+    write_rows(out, "results", rows, {"args": vars(a), "ratios": table})  # rows: the runs
     print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
     return 0
 

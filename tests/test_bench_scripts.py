@@ -29,7 +29,7 @@ def test_fig6_bins_give_the_means_and_slopes_of_known_curves(tmp_path, capsys):
         == 0
     )
     data = json.loads((out / "fig6.json").read_text())
-    first = data["bins"][0]
+    first = data["rows"][0]
     assert first["episodic_return_mean"] == pytest.approx(100.0)
     assert first["episodic_return_slope_per_1M"] == pytest.approx(0.0, abs=1e-6)
     # the intrinsic return rises by 100 and 300 per million steps: the pooled fit gives 200
@@ -74,5 +74,5 @@ def test_trainer_overhead_runs_one_short_pair(tmp_path, capsys):
         == 0
     )
     data = json.loads((out / "results.json").read_text())
-    assert [r["run"] for r in data["runs"]] == ["ppo", "cln eq17"]
+    assert [r["run"] for r in data["rows"]] == ["ppo", "cln eq17"]
     assert "target: CLN eq17 at most 1.25x" in capsys.readouterr().out

@@ -10,11 +10,13 @@ from metagrad_rl.checkpoint import atomic_write_bytes
 from metagrad_rl.trainers.meta_grads import META_GRADS
 
 
-def save_png(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """``fig`` as a PNG at ``path``, atomically (laid out within ``rect``, the whole figure by
+    default), then closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
