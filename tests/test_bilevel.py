@@ -171,25 +171,30 @@ def test_each_algo_and_estimator_runs_and_moves_eta(tmp_path, algo, meta_grad):
         assert "norm_score" in header and "score_weight" in header
 
 
+def _engine_on_the_stored_round(cfg):
+    """``engine(step, **kw)``: ``meta_gradient`` (all terms) recomputed on the round a meta-step
+    stored, with the trainer's problem and optimizer."""
+    policy, reward = _nets(cfg)
+    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+
+    def engine(s, **kw):
+        inp = s.round
+        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
+        rounds = [Round(inp.batch, inp.minibatches)]
+        return meta_gradient(
+            problem, tx, inp.theta, inp.eta, rounds, s.outer, opt_state=state, terms=True, **kw
+        )
+
+    return engine
+
+
 def test_exact_mode_applies_the_engines_total(tmp_path):
     cfg = _config("cln", meta_grad="exact")
     steps = []
     train(cfg, tmp_path / "run", on_meta_step=steps.append)
-    policy, reward = _nets(cfg)
-    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    engine = _engine_on_the_stored_round(cfg)
     for s in steps:
-        inp = s.round
-        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
-        ref = meta_gradient(
-            problem,
-            tx,
-            inp.theta,
-            inp.eta,
-            [Round(inp.batch, inp.minibatches)],
-            s.outer,
-            opt_state=state,
-            terms=True,
-        )
+        ref = engine(s)
         torch.testing.assert_close(flatten(s.grad), flatten(ref.total), rtol=1e-4, atol=1e-7)
         # the policy the trainer continued with is the unroll's theta_{k+1}
         torch.testing.assert_close(
@@ -204,17 +209,11 @@ def test_truncated_and_partial_modes_apply_the_engines_numbers(tmp_path, meta_gr
     cfg = _config("cln", meta_grad=meta_grad)
     steps = []
     train(cfg, tmp_path / "run", on_meta_step=steps.append)
-    policy, reward = _nets(cfg)
-    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    engine = _engine_on_the_stored_round(cfg)
     for s in steps:
-        inp = s.round
-        state = optimizer_state_from_list(tx.init(inp.theta), inp.opt_state)
-        rounds = [Round(inp.batch, inp.minibatches)]
-        kw = dict(opt_state=state, terms=True)
-        full = meta_gradient(problem, tx, inp.theta, inp.eta, rounds, s.outer, **kw)
+        full = engine(s)
         if meta_grad == "truncated-k1":
-            ref = meta_gradient(problem, tx, inp.theta, inp.eta, rounds, s.outer, truncate=1, **kw)
-            want = flatten(ref.total)
+            want = flatten(engine(s, truncate=1).total)
             assert (want - flatten(full.total)).norm() > 1e-3 * flatten(full.total).norm()
         else:
             want = flatten(full.eq12) + flatten(full.eq13)

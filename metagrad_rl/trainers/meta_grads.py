@@ -111,6 +111,8 @@ def _add(*dicts: Params) -> Params:
 
 # -- the built-in estimators -----------------------------------------------------------------------
 TERM_KEYS = ("norm_eq11", "norm_eq12", "norm_eq13", "norm_eq14", "norm_eq17", "norm_total")
+#: Log columns of the estimators with a score term (``sampling-aware``, ``dice``).
+SCORE_KEYS = ("norm_eq17", "norm_total", "norm_score", "score_weight")
 
 
 def _eq17(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
@@ -185,7 +187,7 @@ register(
         _with_score,
         unroll="round",
         score="baseline",
-        log_keys=("norm_eq17", "norm_total", "norm_score", "score_weight"),
+        log_keys=SCORE_KEYS,
     )
 )
 register(
@@ -195,7 +197,7 @@ register(
         _with_score,
         unroll="round",
         score="magic_box",
-        log_keys=("norm_eq17", "norm_total", "norm_score", "score_weight"),
+        log_keys=SCORE_KEYS,
     )
 )
 
