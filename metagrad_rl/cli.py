@@ -60,13 +60,21 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
 def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     """The full parser; ``train`` gets the flags of ``algo``'s config (and it as --algo's
     default, so that ``--resume`` without ``--algo`` takes the resumed run's)."""
-    from metagrad_rl.trainers import ALGOS
-
     parser = _Parser(
         prog=PROG,
         description="Meta-gradient RL with learned intrinsic rewards (PPO, LIRPG, CLN).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_train(sub, algo)
+    _add_plot(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _add_train(sub: Any, algo: str) -> None:
+    """``train``: run-directory flags, workers, and the flags of ``algo``'s config."""
+    from metagrad_rl.trainers import ALGOS
 
     algos = "; ".join(f"{k}: {a.help}" for k, a in sorted(ALGOS.items()))
     train = sub.add_parser(
@@ -105,7 +113,13 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         "given on the command line win",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # -- data-parallel workers (issue 10; metagrad_rl.trainers.parallel) --
+    _add_worker_flags(train)
+    add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
+    train.set_defaults(func=cmd_train)
+
+
+def _add_worker_flags(train: argparse.ArgumentParser) -> None:
+    """Data-parallel workers (:mod:`metagrad_rl.trainers.parallel`)."""
     train.add_argument(
         "--nproc",
         type=int,
@@ -124,9 +138,9 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
         help="with several workers: seconds to wait for a worker that died or hangs before "
         "stopping with one error line (default: %(default)s)",
     )
-    add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
-    train.set_defaults(func=cmd_train)
 
+
+def _add_plot(sub: Any) -> None:
     plot = sub.add_parser(
         "plot",
         help="plot learning curves of run directories",
@@ -143,6 +157,8 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     plot.add_argument("--title", default="", help="figure title")
     plot.set_defaults(func=cmd_plot)
 
+
+def _add_evaluate(sub: Any) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="run a saved policy and print its mean return",
@@ -153,7 +169,6 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="env seed (default: %(default)s)")
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mean")
     ev.set_defaults(func=cmd_evaluate)
-    return parser
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:
@@ -275,9 +290,45 @@ def _resumed_workers(args: argparse.Namespace) -> int:
     return int(load_checkpoint(path).get(NUM_WORKERS_KEY, 1))
 
 
-def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
-    from tqdm import tqdm
+class _ProgressReport:
+    """The trainers' ``progress(step, row)``: a tqdm bar with the last return and steps/s,
+    and a line every ``every`` iterations. The bar (and ``note``) start at the first report,
+    so that bad input prints one line only and the rate covers whole iterations."""
 
+    def __init__(self, total: int, every: int, note: str | None, disable: bool) -> None:
+        self.total, self.every, self.note, self.disable = total, every, note, disable
+        self.bar: Any = None
+        self.iterations, self.last = 0, ""
+
+    def __call__(self, step: int, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            if self.note is not None:  # printed once the run is known to be valid
+                print(self.note)
+            self.bar = tqdm(
+                total=self.total,
+                initial=step,
+                unit="step",
+                disable=self.disable,
+                dynamic_ncols=True,
+            )
+        self.bar.update(step - self.bar.n)
+        sps = f"{row.get('steps_per_sec', 0):.0f}"
+        ret = row.get("episodic_return", "")
+        if ret != "":
+            self.last = f"{ret:.1f}"
+            self.bar.set_postfix(ret=self.last, sps=sps)
+        self.iterations += 1
+        if self.iterations % self.every == 0:
+            self.bar.write(f"step {step:>9d}  episodic_return {self.last or '-':>8}  steps/s {sps}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
     from metagrad_rl.trainers import ALGOS, parallel
 
     # rank 0's (with --resume only its file system needs the run directory)
@@ -290,43 +341,16 @@ def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
         from metagrad_rl.logging import clear_run_dir
 
         clear_run_dir(args.out)
-    note = rounding_note(config)
-    total = config.num_iterations * config.batch_size
-    every = max(1, getattr(config, "num_iterations", 10) // 10)
-    bars: list[Any] = []  # made at the first report, so that bad input prints one line only
-    state: dict[str, Any] = {"it": 0, "last": ""}
-
-    def progress(step: int, row: dict[str, Any]) -> None:
-        if not bars:  # starts at the first report, so its rate covers whole iterations
-            if note is not None:  # printed once the run is known to be valid
-                print(note)
-            bars.append(
-                tqdm(
-                    total=total,
-                    initial=step,
-                    unit="step",
-                    disable=args.no_progress,
-                    dynamic_ncols=True,
-                )
-            )
-        bar = bars[0]
-        bar.update(step - bar.n)
-        ret = row.get("episodic_return", "")
-        if ret != "":
-            state["last"] = f"{ret:.1f}"
-            bar.set_postfix(ret=state["last"], sps=f"{row.get('steps_per_sec', 0):.0f}")
-        state["it"] += 1
-        if state["it"] % every == 0:
-            bar.write(
-                f"step {step:>9d}  episodic_return {state['last'] or '-':>8}  "
-                f"steps/s {row.get('steps_per_sec', 0):.0f}"
-            )
-
+    report = _ProgressReport(
+        total=config.num_iterations * config.batch_size,
+        every=max(1, getattr(config, "num_iterations", 10) // 10),
+        note=rounding_note(config),
+        disable=args.no_progress,
+    )
     try:
-        summary = ALGOS[args.algo].train(config, args.out, resume=args.resume, progress=progress)
+        summary = ALGOS[args.algo].train(config, args.out, resume=args.resume, progress=report)
     finally:
-        for b in bars:
-            b.close()
+        report.close()
     if not is_main:
         return 0
     ret = summary.get("mean_return_last_20_episodes")
