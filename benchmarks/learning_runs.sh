@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Learning-curve runs behind docs/results.md (Figures 4 and 5 of the paper, small budget).
 #   bash benchmarks/learning_runs.sh [STEPS] [JOBS]      # defaults: 200000 steps, 2 parallel runs
-# Environment: SEEDS (default "1 2 3"), RUN_GROUPS (any of fig5 fig4, default both),
+# Environment: SEEDS (default "1 2 3"), RUN_GROUPS (any of fig5 fig4 ladder walker, default
+#   fig5 fig4; ladder: issue 15's Hopper-v5 ablation ladder -- ppo, cln-rin0 (r_in_coef 0: the
+#   conditioned architecture alone), cln-frozen (eta_lr 0: a fixed random reward), cln-eq17,
+#   lirpg; walker: ppo, cln-frozen, cln-eq17 on Walker2d-v5),
 #   ESTIMATORS (Figure 5's --meta-grad choices), FIG4_ALGOS (any of ppo lirpg cln-eq17),
 #   OUT (default runs/learning), BIN (the metagrad-rl command).
 # Each run is `metagrad-rl train ...` into $OUT/<name>; finished runs are skipped, so the
 # script can be re-run after an interruption (killed runs restart from their last checkpoint).
+# NICE (default 0) lowers the runs' priority so the machine stays usable. Issue 15's runs:
+#   SEEDS="1 2 3 4 5" RUN_GROUPS="ladder walker" OUT=../runs/issue15 NICE=10 \
+#     bash benchmarks/learning_runs.sh 1000000 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-200000}
@@ -16,6 +22,7 @@ FIG4_ALGOS=${FIG4_ALGOS:-ppo lirpg cln-eq17}
 ESTIMATORS=${ESTIMATORS:-eq17 lirpg three-term exact sampling-aware}
 BIN=${BIN:-.venv/bin/metagrad-rl}
 OUT=${OUT:-runs/learning}
+NICE=${NICE:-0}
 mkdir -p "$OUT"
 {
   for seed in $SEEDS; do
@@ -24,6 +31,21 @@ mkdir -p "$OUT"
       for mg in $ESTIMATORS; do
         echo "cln-$mg-Hopper-v5-s$seed --algo cln --meta-grad $mg --env Hopper-v5 --seed $seed"
       done;;
+    esac
+    case " $RUN_GROUPS " in *" ladder "*)
+      # one change per rung, the same seeds and defaults otherwise
+      env=Hopper-v5
+      echo "ppo-$env-s$seed --algo ppo --env $env --seed $seed"
+      echo "cln-rin0-$env-s$seed --algo cln --meta-grad eq17 --r-in-coef 0 --env $env --seed $seed"
+      echo "cln-frozen-$env-s$seed --algo cln --meta-grad eq17 --eta-lr 0 --env $env --seed $seed"
+      echo "cln-eq17-$env-s$seed --algo cln --meta-grad eq17 --env $env --seed $seed"
+      echo "lirpg-$env-s$seed --algo lirpg --env $env --seed $seed";;
+    esac
+    case " $RUN_GROUPS " in *" walker "*)
+      env=Walker2d-v5
+      echo "ppo-$env-s$seed --algo ppo --env $env --seed $seed"
+      echo "cln-frozen-$env-s$seed --algo cln --meta-grad eq17 --eta-lr 0 --env $env --seed $seed"
+      echo "cln-eq17-$env-s$seed --algo cln --meta-grad eq17 --env $env --seed $seed";;
     esac
     case " $RUN_GROUPS " in *" fig4 "*)
       # Figure 4: PPO vs LIRPG vs CLN (eq17) on three tasks
@@ -44,6 +66,6 @@ mkdir -p "$OUT"
   dir='"$OUT"'/$name
   if [ -f "$dir/summary.json" ]; then exit 0; fi
   if [ -f "$dir/checkpoint.pt" ]; then resume=--resume; else resume=--overwrite; fi
-  '"$BIN"' train "$@" --total-steps '"$STEPS"' --out "$dir" $resume --no-progress \
+   nice -n '"$NICE"' '"$BIN"' train "$@" --total-steps '"$STEPS"' --out "$dir" $resume --no-progress \
     > "'"$OUT"'/$name.log" 2>&1 && echo "done $name" || echo "FAILED $name"
 '

@@ -20,12 +20,16 @@ from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,
     LIRPGConfig,
+    build,
     build_problem,
+    mixed_advantages,
     policy_optimizer,
     train,
 )
 from metagrad_rl.trainers.common import optimizer_state_from_list
+from metagrad_rl.rollout import Batch
 from metagrad_rl.trainers.meta_grads import MetaGrad, _eq17
+from metagrad_rl.trainers.run import lr_restart_of
 from metagrad_rl.unroll import EtaPaths, Round, unroll
 
 SMALL = dict(
@@ -293,8 +297,49 @@ def test_bad_bilevel_config_is_a_clear_error():
         _config("cln", meta_grad="fast")
     with pytest.raises(ConfigError, match="needs a CLN policy"):
         _config("lirpg", meta_grad="eq17")
-    with pytest.raises(ConfigError, match="eta_lr"):
-        _config("cln", eta_lr=0.0)
+    with pytest.raises(ConfigError, match="eta_lr=-0.001.*>= 0"):
+        _config("cln", eta_lr=-1e-3)
+    with pytest.raises(ConfigError, match="r_ex_coef=0.0 with r_in_coef=0.0"):
+        _config("lirpg", r_in_coef=0.0)
+
+
+def test_eta_lr_zero_freezes_the_seeded_reward(tmp_path):
+    """The fixed-random-reward ablation: eta stays bit for bit at its seeded initialisation,
+    while the meta-gradient is still computed (and nonzero)."""
+    cfg = _config("cln", eta_lr=0.0)
+    steps = []
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    torch.manual_seed(cfg.seed)  # as the trainer seeds before it builds
+    _, fresh = build(cfg, lr_restart_of(None, cfg))  # the seeded initialisation
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert len(steps) == 2 and all(flatten(s.grad).norm() > 0 for s in steps)
+    assert fresh.eta.keys() == ckpt["eta"].keys()
+    for k, v in fresh.eta.items():
+        assert torch.equal(ckpt["eta"][k], v), k
+
+
+def test_r_in_coef_zero_is_the_conditioned_architecture_alone(tmp_path):
+    """r_in_coef = 0: the policy's advantages do not depend on the intrinsic reward, while
+    eq17 still moves eta through the CLN condition."""
+    cfg = _config("cln", r_in_coef=0.0)
+    steps = []
+    train(cfg, tmp_path / "run", on_meta_step=steps.append)
+    assert (flatten(steps[0].round.eta) - flatten(steps[1].round.eta)).abs().max() > 0
+    g = torch.Generator().manual_seed(0)
+    t, n = 16, 2
+    b = Batch(
+        *(torch.randn(t, n, 3, generator=g) for _ in range(2)),
+        torch.randn(t, n, generator=g),
+        *(torch.randn(t, n, generator=g) for _ in range(2)),
+        torch.randn(t, n, 3, generator=g),
+        torch.rand(t, n, generator=g) < 0.1,
+        torch.rand(t, n, generator=g) < 0.2,
+        *(torch.randn(t, n, generator=g) for _ in range(2)),
+    )
+    a1 = mixed_advantages(cfg, b, torch.randn(t, n, generator=g))
+    a2 = mixed_advantages(cfg, b, torch.randn(t, n, generator=g))
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, mixed_advantages(_config("cln"), b, torch.randn(t, n, generator=g)))
 
 
 def test_docs_table_and_cli_choices_read_the_registry(capsys):

@@ -120,12 +120,16 @@ class BilevelConfig(PPOConfig):
     baseline_decay: float = 0.9
     """Decay of the moving-average baseline of sampling-aware (0: the last J_hat)."""
     eta_lr: float = 1e-4
-    """Adam step size of the intrinsic reward (LIRPG's lr_beta)."""
+    """Adam step size of the intrinsic reward (LIRPG's lr_beta). 0 freezes eta at its seeded
+    initialisation (the fixed-random-reward ablation: the meta-gradient is still computed and
+    logged, its step is exactly zero)."""
     r_ex_coef: float = 1.0
     """Weight of the extrinsic reward in the policy's mixed reward."""
     r_in_coef: float = 0.1
     """Weight of the intrinsic reward in the policy's mixed reward (tanh-bounded, vs the
-    scaled extrinsic reward; 1.0 swamps it early: Hopper return 16 vs 248 at 37k steps)."""
+    scaled extrinsic reward; 1.0 swamps it early: Hopper return 16 vs 248 at 37k steps).
+    0 turns the intrinsic reward off (with CLN: the conditioned architecture alone, eta
+    still moving the CLN gain and bias through Eq 11)."""
     lookahead_steps: int = 1
     """Full-batch inner steps of the look-ahead of lirpg and three-term."""
     surrogate: str = "paper"
@@ -138,11 +142,14 @@ class BilevelConfig(PPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         meta_grads.get(self.meta_grad)  # a registered estimator, or a one-line error
-        C.positive_float("eta_lr", self.eta_lr)
+        C.nonnegative_float("eta_lr", self.eta_lr)
         C.nonnegative_float("r_ex_coef", self.r_ex_coef)
         C.nonnegative_float("r_in_coef", self.r_in_coef)
-        if self.r_in_coef == 0.0:
-            raise ConfigError("r_in_coef=0.0 is invalid: the policy must see the intrinsic reward")
+        if self.r_in_coef == 0.0 and self.r_ex_coef == 0.0:
+            raise ConfigError(
+                "r_ex_coef=0.0 with r_in_coef=0.0 is invalid: the policy must see some reward "
+                "(at least one of them > 0)"
+            )
         C.positive_int("lookahead_steps", self.lookahead_steps)
         C.one_of("surrogate", self.surrogate, tuple(s.value for s in InnerSurrogate))
         C.one_of("denominator", self.denominator, ("theta_k", "theta_k+1"))
