@@ -16,6 +16,7 @@ from metagrad_rl.errors import ConfigError
 from metagrad_rl.metagrad import eq17_gradient, flatten, meta_gradient
 from metagrad_rl.networks import GaussianPolicy, IntrinsicReward, cln_condition, gaussian_log_prob
 from metagrad_rl.ppo import clipped_surrogate_loss
+from metagrad_rl.rollout import Batch
 from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,
@@ -27,7 +28,6 @@ from metagrad_rl.trainers.bilevel import (
     train,
 )
 from metagrad_rl.trainers.common import optimizer_state_from_list
-from metagrad_rl.rollout import Batch
 from metagrad_rl.trainers.meta_grads import MetaGrad, _eq17
 from metagrad_rl.trainers.run import lr_restart_of
 from metagrad_rl.unroll import EtaPaths, Round, unroll
