@@ -1,11 +1,12 @@
 """Memory of an unroll: measure what the autograd graph holds, and refuse a too-long unroll.
 
 Reverse-mode differentiation through ``n`` inner steps keeps every step's activations and
-updates alive until the backward pass, so memory grows linearly in ``n``.
+updates alive until the backward pass, so memory grows linearly in ``n``; the checkpointed
+pass (:mod:`metagrad_rl.recompute`) keeps about ``sqrt(n)`` steps' graph instead.
 :func:`check_unroll_memory` runs the first inner step once under
-:class:`GraphMemoryMeter`, multiplies by the number of steps and stops with
-:class:`MemoryBudgetError` -- saying how many steps fit -- instead of letting the process be
-killed mid-unroll.
+:class:`GraphMemoryMeter`, estimates both modes (:func:`estimate_unroll_bytes`) and stops with
+:class:`MemoryBudgetError` -- giving both estimates and which fits -- instead of letting the
+process be killed mid-unroll.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def default_budget_bytes() -> int | None:
     return None if avail is None else int(0.8 * avail)
 
 
+def _tree_bytes(tree: Any) -> int:
+    leaves, _ = torchopt.pytree.tree_flatten(tree)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
+
+
 def probe_bytes(
     problem: Any,
     tx: torchopt.base.GradientTransformation,
@@ -96,8 +102,10 @@ def probe_bytes(
     rnd: Any,
     opt_state: Any,
     surrogate: Any,
-) -> tuple[int, int]:
-    """Graph bytes of one round's ``prepare`` and of one differentiable inner step."""
+) -> tuple[int, int, int, int]:
+    """Graph bytes of one round's ``prepare`` and of one differentiable inner step, and the
+    bytes of one checkpoint (parameters and optimizer state)
+    and of one round's stored prepared data and round start."""
     from metagrad_rl.flat import FLAT_KEY, FlatLayout
     from metagrad_rl.unroll import _take, check_prepared, inner_step, prepare_round
 
@@ -120,7 +128,51 @@ def probe_bytes(
     outs = [v for v in (*data.values(), x1[FLAT_KEY]) if v.requires_grad]
     leaves = [*theta_k.values(), *eta_.values(), x[FLAT_KEY]]
     torch.autograd.grad([o.sum() for o in outs], leaves, allow_unused=True)
-    return m_prep.peak_bytes, m_step.peak_bytes
+    x_bytes = _tree_bytes(x)
+    per_checkpoint = x_bytes + _tree_bytes(state)
+    per_round_stored = _tree_bytes(dict(data)) + x_bytes
+    return m_prep.peak_bytes, m_step.peak_bytes, per_checkpoint, per_round_stored
+
+
+def estimate_unroll_bytes(
+    problem: Any,
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    rounds: Sequence[Any],
+    opt_state: Any,
+    surrogate: Any,
+    checkpoint_every: int | str = "auto",
+) -> dict[str, int]:
+    """Estimated bytes of the unroll kept whole (``"stored"``) and checkpointed every ``k``
+    steps (``"checkpointed"``, ``k`` as ``checkpoint_every``; also returned as ``"k"``).
+
+    Stored: ``prepare``'s graph per round plus one step's graph per step. Checkpointed: one
+    round's ``prepare`` graph and ``k`` steps' graph at a time, plus the checkpoints (every
+    ``k`` steps and each round start) and each round's stored prepared data.
+    """
+    from metagrad_rl.recompute import segment_length
+
+    steps = sum(len(r.minibatches) for r in rounds)
+    per_round, per_step, per_ckpt, per_data = probe_bytes(
+        problem, tx, theta, eta, rounds[0], opt_state, surrogate
+    )
+    k = segment_length(checkpoint_every, steps)
+    n_ckpt = sum(-(-len(r.minibatches) // k) for r in rounds)
+    return {
+        "stored": per_round * len(rounds) + per_step * steps,
+        "checkpointed": per_round
+        + per_step * min(k, steps)
+        + per_ckpt * n_ckpt
+        + per_data * len(rounds),
+        "k": k,
+        "per_step": per_step,
+        "per_round": per_round,
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.0f} MiB"
 
 
 def check_unroll_memory(
@@ -132,12 +184,14 @@ def check_unroll_memory(
     opt_state: Any,
     surrogate: Any,
     budget_bytes: int | None,
+    checkpoint_every: int | str | None = None,
 ) -> int:
-    """Estimate the unroll's graph bytes; raise :class:`MemoryBudgetError` over the budget.
+    """Estimate the unroll's bytes; raise :class:`MemoryBudgetError` over the budget.
 
-    Returns the estimate: ``prepare`` bytes per round plus bytes per step times the
-    steps. ``budget_bytes=None`` uses :func:`default_budget_bytes`; a
-    non-positive budget is a :class:`ConfigError`.
+    Returns the estimate of the chosen mode (``checkpoint_every=None``: the stored graph,
+    else the checkpointed pass; :func:`estimate_unroll_bytes`). The error gives both, and
+    says which fits. ``budget_bytes=None`` uses :func:`default_budget_bytes`; a non-positive
+    budget is a :class:`ConfigError`.
     """
     if budget_bytes is not None and budget_bytes <= 0:
         raise ConfigError(f"memory_budget_bytes={budget_bytes} is invalid: expected > 0")
@@ -145,14 +199,21 @@ def check_unroll_memory(
     steps = sum(len(r.minibatches) for r in rounds)
     if budget is None:
         return -1
-    per_round, per_step = probe_bytes(problem, tx, theta, eta, rounds[0], opt_state, surrogate)
-    estimate = per_round * len(rounds) + per_step * steps
-    if estimate > budget:
-        fit = max(0, (budget - per_round * len(rounds)) // max(per_step, 1))
-        raise MemoryBudgetError(
-            f"unrolling {steps} inner steps needs about {estimate / 2**20:.0f} MiB "
-            f"({per_step / 2**20:.2f} MiB per step), over the budget of "
-            f"{budget / 2**20:.0f} MiB: about {fit} steps fit; unroll fewer epochs, "
-            "minibatches or rounds, or raise the budget"
-        )
-    return estimate
+    mode = "auto" if checkpoint_every is None else checkpoint_every
+    est = estimate_unroll_bytes(problem, tx, theta, eta, rounds, opt_state, surrogate, mode)
+    stored, ckpt = est["stored"], est["checkpointed"]
+    estimate = stored if checkpoint_every is None else ckpt
+    if estimate <= budget:
+        return estimate
+    rounds_txt = f"{len(rounds)} round{'s' if len(rounds) > 1 else ''} ({steps} inner steps)"
+    both = (
+        f"{rounds_txt} need about {_gib(stored)} stored ({est['per_step'] / 2**20:.2f} MiB per "
+        f"step), {_gib(ckpt)} with checkpoint_every={mode!r}; the budget is {_gib(budget)}"
+    )
+    fit = max(0, (budget - est["per_round"] * len(rounds)) // max(est["per_step"], 1))
+    both += f" (about {fit} steps fit stored)"
+    if checkpoint_every is None and ckpt <= budget:
+        hint = f": pass checkpoint_every={mode!r} (the same numbers, recomputed)"
+    else:
+        hint = ": unroll fewer epochs, minibatches or rounds, or raise the budget"
+    raise MemoryBudgetError(both + hint)

@@ -38,6 +38,7 @@ from metagrad_rl import estimators
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
 from metagrad_rl.optim import check_differentiable, sqrt_without_eps_root
+from metagrad_rl.recompute import Checkpointed, check_checkpoint_every, forward_sweep
 from metagrad_rl.unroll import (
     Batch,
     EtaPaths,
@@ -239,7 +240,6 @@ class PendingMetaGradient:
         self.truncate: int | None = None  # set by start_meta_gradient
         self.theta_next: Params = {k: v.detach() for k, v in res.theta.items()}
         self.opt_state: Any = detach_state(res.opt_state)
-        self.theta_k: Params = {k: v.detach() for k, v in res.round_starts[-1].items()}
 
     def finish(
         self,
@@ -266,22 +266,27 @@ class PendingMetaGradient:
             )
         problem, paths, res, eta = self.problem, self.paths, self._res, self.eta
         t0 = time.perf_counter()
-        with self._meter:
-            theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
-            loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
-            check_outer_loss(loss)
-            loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
-        self._res = None
-        score = None
-        if loglik is not None and score_weight is not None:
-            groups = list(paths) if self.terms else [paths.outer]
-            objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
-            score = _add(*_grads_many(objective, groups, retain_graph=True))
-        if self.terms:
-            split: dict[str, Params] = dict(zip(TERMS, _grads_many(loss, list(paths))))
-            total = _add(*split.values())
+        theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
+        if isinstance(res, Checkpointed):
+            loss, split, total, score = self._reverse_checkpointed(
+                outer_batch, theta_den, score_weight, magic_box
+            )
         else:
-            total, split = _grads(loss, paths.outer), {}
+            with self._meter:
+                loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
+                check_outer_loss(loss)
+                loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
+            self._res = None
+            score = None
+            if loglik is not None and score_weight is not None:
+                groups = list(paths) if self.terms else [paths.outer]
+                objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
+                score = _add(*_grads_many(objective, groups, retain_graph=True))
+            if self.terms:
+                split = dict(zip(TERMS, _grads_many(loss, list(paths))))
+                total = _add(*split.values())
+            else:
+                total, split = _grads(loss, paths.outer), {}
         elapsed = self._t_unroll + time.perf_counter() - t0
         self._check_backward(total, score)
         theta_den = {k: v.detach() for k, v in theta_den.items()}
@@ -301,6 +306,38 @@ class PendingMetaGradient:
             score=score,
             notes=self.notes,
         )
+
+    def _reverse_checkpointed(
+        self,
+        outer_batch: Batch,
+        theta_den: Params,
+        score_weight: float | None,
+        magic_box: bool,
+    ) -> tuple[Tensor, dict[str, Params], Params, Params | None]:
+        """:meth:`finish` by the recomputing reverse pass (:mod:`metagrad_rl.recompute`)."""
+        res, paths, eta, problem = self._res, self.paths, self.eta, self.problem
+        den = {k: v.detach() for k, v in theta_den.items()}
+
+        def outer(theta_next: Params) -> Tensor:
+            loss = outer_loss_at(problem, theta_next, paths.outer, outer_batch, den, eta)
+            check_outer_loss(loss)
+            return loss
+
+        def score(starts: list[Params]) -> Tensor | None:
+            if score_weight is None:
+                return None
+            loglik = self._log_likelihood(starts)
+            return score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
+
+        self._res = None
+        loss, by_path, score_by_path = res.reverse(outer, score, measure=self._meter.enabled)
+        if self._meter.enabled:
+            peak = max(res.segment_graph_bytes, default=0)
+            self._meter.peak_bytes = peak + res.checkpoint_bytes
+        split = dict(zip(TERMS, by_path)) if self.terms else {}
+        total = _add(*by_path)
+        g_score = None if score_by_path is None else _add(*score_by_path)
+        return loss, split, total, g_score
 
     def _diagnostics(
         self, terms: Mapping[str, Params], total: Params, score: Params | None, elapsed: float
@@ -378,14 +415,17 @@ def start_meta_gradient(
     flat_params: bool = True,
     allow_graph_cuts: bool = False,
     truncate: int | None = None,
+    checkpoint_every: int | str | None = None,
 ) -> PendingMetaGradient:
-    """The first half of :func:`meta_gradient`: validate, check memory, unroll (graph kept)."""
+    """The first half of :func:`meta_gradient`: validate, check memory, unroll (the graph
+    kept, or with ``checkpoint_every`` only the checkpoints of the recomputing pass)."""
     check_optimizer(optimizer)
     cuts = check_differentiable(optimizer, allow_graph_cuts)
     check_params("theta", theta, problem.theta_spec)
     check_params("eta", eta, problem.eta_spec)
     rounds = check_rounds(rounds)
     check_truncate(truncate)
+    check_checkpoint_every(checkpoint_every)
     if opt_state is not None and not isinstance(opt_state, tuple):
         raise ConfigError(
             f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
@@ -398,7 +438,15 @@ def start_meta_gradient(
             f"{[s.value for s in InnerSurrogate]}"
         ) from None
     check_unroll_memory(
-        problem, optimizer, theta, eta, rounds, opt_state, surrogate, memory_budget_bytes
+        problem,
+        optimizer,
+        theta,
+        eta,
+        rounds,
+        opt_state,
+        surrogate,
+        memory_budget_bytes,
+        checkpoint_every=checkpoint_every,
     )
     t0 = time.perf_counter()
     eta_c = {k: v.detach() for k, v in eta.items()}
@@ -408,8 +456,9 @@ def start_meta_gradient(
         else EtaPaths.shared({k: v.clone().requires_grad_(True) for k, v in eta_c.items()})
     )
     meter = GraphMemoryMeter(enabled=measure_memory)
-    with meter:
-        res = unroll(
+    res: Any
+    if checkpoint_every is not None:
+        res = forward_sweep(
             problem,
             optimizer,
             theta,
@@ -417,9 +466,23 @@ def start_meta_gradient(
             rounds,
             opt_state,
             surrogate,
+            checkpoint_every,
             flat_params=flat_params,
             truncate=truncate,
         )
+    else:
+        with meter:
+            res = unroll(
+                problem,
+                optimizer,
+                theta,
+                paths,
+                rounds,
+                opt_state,
+                surrogate,
+                flat_params=flat_params,
+                truncate=truncate,
+            )
     notes = tuple(f"held constant (allow_graph_cuts=True): {why}" for why in cuts)
     pending = PendingMetaGradient(
         problem,
@@ -454,6 +517,7 @@ def meta_gradient(
     flat_params: bool = True,
     allow_graph_cuts: bool = False,
     truncate: int | None = None,
+    checkpoint_every: int | str | None = None,
 ) -> MetaGradResult:
     """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
 
@@ -485,6 +549,12 @@ def meta_gradient(
             backpropagation): ``theta`` and the optimizer state where they begin are constants,
             so the result is the exact derivative of that function (see
             :func:`metagrad_rl.unroll.unroll`); ``None`` (default) differentiates every step.
+        checkpoint_every: ``None`` (default) keeps every inner step's graph until the
+            backward pass (memory linear in the steps); an int ``k`` keeps only a checkpoint
+            (parameters and optimizer state) every ``k`` inner steps and each round's
+            prepared data, and re-runs one segment at a time in the backward pass (memory
+            ``k`` steps' graph plus the checkpoints, one more forward pass of time); ``"auto"``
+            takes ``k ~ sqrt(steps)``. The same numbers (:mod:`metagrad_rl.recompute`).
 
     Raises:
         ConfigError: bad input, a graph-cutting optimizer, or a non-finite value; the message
@@ -508,5 +578,6 @@ def meta_gradient(
         flat_params=flat_params,
         allow_graph_cuts=allow_graph_cuts,
         truncate=truncate,
+        checkpoint_every=checkpoint_every,
     )
     return pending.finish(outer_batch, denominator=denominator)

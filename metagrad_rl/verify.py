@@ -225,6 +225,7 @@ def verify_meta_gradient(
     allow_graph_cuts: bool = False,
     raise_on_failure: bool = False,
     truncate: int | None = None,
+    checkpoint_every: int | str | None = None,
 ) -> VerificationReport:
     """Verify the total meta-gradient and each of Eq 11-14 against finite differences.
 
@@ -245,6 +246,9 @@ def verify_meta_gradient(
         truncate: verify the truncated meta-gradient through the last ``truncate`` inner steps
             (its constants -- ``theta`` and optimizer state where those steps begin -- are
             frozen at ``eta`` like the stop-gradient denominators).
+        checkpoint_every: compute the meta-gradient under test by the checkpointed reverse
+            pass (:func:`metagrad_rl.metagrad.meta_gradient`); the finite differences are the
+            same.
     """
     outer_batch = check_outer_batch(outer_batch)
     _check_float64(theta, eta, outer_batch)
@@ -253,7 +257,7 @@ def verify_meta_gradient(
     kw: dict[str, Any] = dict(
         opt_state=opt_state, surrogate=surrogate, denominator=denominator, truncate=truncate
     )
-    mg_kw = dict(kw, allow_graph_cuts=allow_graph_cuts)
+    mg_kw = dict(kw, allow_graph_cuts=allow_graph_cuts, checkpoint_every=checkpoint_every)
     split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **mg_kw)
     whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **mg_kw)
     total = flatten(whole.total)

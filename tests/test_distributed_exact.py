@@ -42,6 +42,9 @@ CASES = {
     "R=1": (1, {}),
     "R=2": (2, {}),
     "R=2-detached": (2, dict(surrogate="detached", denominator="theta_k+1", flat_params=False)),
+    # the checkpointed reverse pass (segments of 3 steps: across the rounds' 4 steps), whose
+    # recomputed segments and prepare run the collectives again, forward and backward
+    "R=2-checkpointed": (2, dict(checkpoint_every=3)),
 }
 MAX_NORM = 1.0  # the inner gradient norms here are 0.5-3.1: clipping fires on some steps
 SCORE_WEIGHT = 0.7
@@ -139,11 +142,15 @@ def _worker(rank: int, n: int, init: str) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     per_worker = run_workers(_worker, N_WORKERS, tmp_path_factory.mktemp("exact"), timeout_s=180)
-    reference = {
-        case: _meta_gradient(*_problem(None), *_union_data(n_rounds), options)
+    reference = {  # one process, the stored graph
+        case: _meta_gradient(*_problem(None), *_union_data(n_rounds), _stored(options))
         for case, (n_rounds, options) in CASES.items()
     }
     return per_worker, reference
+
+
+def _stored(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k != "checkpoint_every"}
 
 
 def _max_err(a: dict, b: dict) -> float:
@@ -176,3 +183,14 @@ def test_local_advantage_normalisation_breaks_the_equality(results, case):
     local = per_worker[0][("local", case)]
     assert _max_err(local["total"], reference[case]["total"]) > 1e-4
     assert _max_err(local["theta_next"], reference[case]["theta_next"]) > 1e-6
+
+
+def test_checkpointed_workers_equal_the_stored_graph_workers(results):
+    """Each worker's checkpointed result is its stored-graph result (to 1e-12 relative)."""
+    per_worker, _ = results
+    for w in per_worker:
+        stored, ckpt = w["R=2"], w["R=2-checkpointed"]
+        assert torch.equal(flatten(stored["theta_next"]), flatten(ckpt["theta_next"]))
+        for g in GRADS:
+            a, b = flatten(stored[g]), flatten(ckpt[g])
+            assert float((a - b).norm()) <= 1e-12 * float(a.norm()), g

@@ -309,7 +309,9 @@ def test_memory_guard_stops_with_how_many_steps_fit():
     )
     assert est > 0
     per_step = est // 3
-    with pytest.raises(MemoryBudgetError, match=r"3 inner steps.*about 1 steps fit"):
+    with pytest.raises(
+        MemoryBudgetError, match=r"1 round \(3 inner steps\) need .*about 1 steps fit"
+    ):
         meta_gradient(
             problem,
             torchopt.sgd(0.1),

@@ -1,0 +1,446 @@
+"""The checkpointed (recomputing) reverse pass: the exact meta-gradient in bounded memory.
+
+Reverse mode through ``n`` inner steps normally keeps every step's graph until the backward
+pass, so memory grows linearly in ``n`` (:mod:`metagrad_rl.memory`). With
+``checkpoint_every=k`` the engine instead
+
+1. runs the unroll once **without** keeping a graph (:func:`forward_sweep`), storing only the
+   optimizer's parameters and state at every ``k``-th inner step and at each round start
+   (a *checkpoint*), plus each round's prepared data (``prepare``'s output) and round start;
+2. in the backward pass (:meth:`Checkpointed.reverse`) re-runs one segment of at most ``k``
+   steps at a time from its checkpoint, with its graph, and pulls the adjoints of the
+   parameters, of the optimizer state and of the round's prepared data back to the segment
+   start; at a round start the prepared data's adjoint is pulled back through ``prepare``
+   (its intrinsic advantages, Eq 13's path, and its ratio denominator ``pi_{theta_k, eta}``)
+   to ``theta_k`` and ``eta``.
+
+``eta`` stays split into its four paths (:class:`~metagrad_rl.unroll.EtaPaths`) in every
+segment, so Eq 11-14 come out as in the stored-graph pass; truncation, the score term, both
+surrogates and denominators, flat and per-tensor updates and differentiable collectives work
+unchanged. Memory: one segment's graph (``k`` steps) plus the checkpoints; time: one extra
+forward pass without a graph. ``"auto"`` takes ``k = ceil(sqrt(n))``, which balances the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchopt
+from torch import Tensor
+
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.memory import GraphMemoryMeter
+from metagrad_rl.unroll import (
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Params,
+    Round,
+    StepTrace,
+    _flat_view,
+    _take,
+    check_prepared,
+    inner_step,
+    prepare_round,
+)
+
+#: Index of each path of ``eta`` in :class:`EtaPaths` (outer, policy, reward, early).
+OUTER, POLICY, REWARD, EARLY = range(4)
+
+
+def check_checkpoint_every(checkpoint_every: Any) -> None:
+    """``None`` (keep the whole graph), ``"auto"`` or an int ``>= 1``."""
+    ok = checkpoint_every is None or checkpoint_every == "auto"
+    ok = ok or (
+        isinstance(checkpoint_every, int)
+        and not isinstance(checkpoint_every, bool)
+        and checkpoint_every >= 1
+    )
+    if not ok:
+        raise ConfigError(
+            f"checkpoint_every={checkpoint_every!r} is invalid: expected None (keep every "
+            "step's graph), 'auto' (about sqrt(inner steps)) or an int >= 1 (inner steps per "
+            "recomputed segment)"
+        )
+
+
+def segment_length(checkpoint_every: int | str, n_steps: int) -> int:
+    """The ``k`` of ``checkpoint_every`` for an unroll of ``n_steps`` inner steps."""
+    if checkpoint_every == "auto":
+        return max(1, math.ceil(math.sqrt(max(n_steps, 1))))
+    return int(checkpoint_every)
+
+
+@dataclass
+class Segment:
+    """Inner steps ``j0 .. j0 + n - 1`` of round ``r`` and the checkpoint they start from."""
+
+    r: int
+    j0: int
+    n: int
+    x: Params
+    state: Any
+
+
+@dataclass
+class Checkpointed:
+    """The result of :func:`forward_sweep`: values, checkpoints and what the reverse pass needs.
+
+    ``theta``, ``opt_state`` and ``round_starts`` are detached, per tensor, as in
+    :class:`~metagrad_rl.unroll.UnrollResult`.
+    """
+
+    problem: MetaProblem
+    tx: torchopt.base.GradientTransformation
+    paths: EtaPaths
+    rounds: Sequence[Round]
+    surrogate: InnerSurrogate
+    layout: FlatLayout | None
+    cut: int
+    segments: list[Segment]
+    data: list[dict[str, Tensor]]
+    starts_x: list[Params]
+    #: Whether each round's start lies inside the differentiated window (else a constant).
+    start_in_window: list[bool]
+    x_final: Params
+    theta: Params
+    opt_state: Any
+    round_starts: list[Params]
+    saw_zero_gradient: bool = False
+    checkpoint_bytes: int = 0
+    segment_graph_bytes: list[int] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ helpers
+    def view(self, x: Params) -> Params:
+        return x if self.layout is None else _flat_view(self.layout)(x)
+
+    def round_paths(self, r: int) -> tuple[int, int]:
+        """The path indices of ``eta`` on the policy and the reward side of round ``r``."""
+        last = r == len(self.rounds) - 1
+        return (POLICY, REWARD) if last else (EARLY, EARLY)
+
+    def eta_of(self, path: int) -> Params:
+        return self.paths[path]
+
+    # ------------------------------------------------------------------ reverse pass
+    def reverse(
+        self,
+        outer_objective: Callable[[Params], Tensor],
+        score_objective: Callable[[list[Params]], Tensor | None] | None = None,
+        measure: bool = False,
+    ) -> tuple[Tensor, list[Params], list[Params] | None]:
+        """The outer loss and its gradient along each path of ``eta`` (and the score's).
+
+        ``outer_objective(theta_next)`` is the outer loss at the unroll's end (``eta``'s outer
+        path inside it); ``score_objective(round_starts)`` the score term's objective, or
+        ``None``. Returns ``(loss, grads per path, score grads per path or None)``.
+        """
+        x_n = _leaves(self.x_final)
+        loss = outer_objective(self.view(x_n))
+        cts = [_Adjoint.of(loss, x_n, self, inject=None)]
+        if score_objective is not None:
+            xs = [_leaves(s) for s in self.starts_x]
+            objective = score_objective([self.view(s) for s in xs])
+            if objective is not None:
+                cts.append(_Adjoint.of_score(objective, xs, self))
+        for i in reversed(range(len(self.segments))):
+            seg = self.segments[i]
+            self._reverse_segment(seg, cts, measure)
+            if i == 0 or self.segments[i - 1].r != seg.r:  # the round's first segment
+                self._reverse_prepare(seg.r, cts)
+        return loss, cts[0].eta, (cts[1].eta if len(cts) > 1 else None)
+
+    def _reverse_segment(self, seg: Segment, cts: list[_Adjoint], measure: bool) -> None:
+        """Re-run ``seg`` with its graph; pull every adjoint back to the segment's start."""
+        x0 = _leaves(seg.x)
+        s_leaves, spec = torchopt.pytree.tree_flatten(seg.state)
+        s0 = [_leaf(t) for t in s_leaves]
+        state = torchopt.pytree.tree_unflatten(spec, s0)
+        d0 = _leaves(self.data[seg.r])
+        pol, _ = self.round_paths(seg.r)
+        eta_pol = self.eta_of(pol)
+        rnd = self.rounds[seg.r]
+        view = None if self.layout is None else _flat_view(self.layout)
+        meter = GraphMemoryMeter(enabled=measure)
+        with meter:
+            x = x0
+            for j in range(seg.j0, seg.j0 + seg.n):
+                mb = _take(d0, rnd.minibatches[j])
+                x, state = inner_step(self.problem, self.tx, x, state, mb, eta_pol, True, view)
+        if measure:
+            self.segment_graph_bytes.append(meter.peak_bytes)
+        out_state, _ = torchopt.pytree.tree_flatten(state)
+        names = list(x0)
+        outs = [x[k] for k in names]
+        out_idx = [i for i, t in enumerate(out_state) if _differentiable(t)]
+        outs += [out_state[i] for i in out_idx]
+        in_x = [x0[k] for k in names]
+        in_s = [(i, t) for i, t in enumerate(s0) if _differentiable(t)]
+        in_d = [(k, v) for k, v in d0.items() if _differentiable(v)]
+        eta_in = _unique([(pol, eta_pol)])
+        inputs = in_x + [t for _, t in in_s] + [v for _, v in in_d] + [t for _, _, t in eta_in]
+        keep = [o.requires_grad for o in outs]
+        for c, ct in enumerate(cts):
+            grad_out = [ct.gx[k] for k in names] + [ct.state_cotangent(i) for i in out_idx]
+            pairs = [(o, g) for o, g, k in zip(outs, grad_out, keep) if k and g is not None]
+            raw = torch.autograd.grad(
+                [o for o, _ in pairs],
+                inputs,
+                grad_outputs=[g for _, g in pairs],
+                allow_unused=True,
+                retain_graph=c < len(cts) - 1,
+            )
+            gs = [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
+            i = 0
+            ct.gx = {k: gs[i + n] for n, k in enumerate(names)}
+            i += len(names)
+            ct.gstate = {si: gs[i + n] for n, (si, _) in enumerate(in_s)}
+            i += len(in_s)
+            ct.add_data(seg.r, {k: gs[i + n] for n, (k, _) in enumerate(in_d)})
+            i += len(in_d)
+            ct.add_eta(eta_in, gs[i:])
+
+    def _reverse_prepare(self, r: int, cts: list[_Adjoint]) -> None:
+        """At round ``r``'s start: the prepared data's adjoint back to ``theta_k`` and ``eta``;
+        the score's adjoint of ``theta_k`` joins here. A round start before the window of a
+        truncated unroll is a constant: only ``eta``'s adjoint goes on."""
+        pol, rew = self.round_paths(r)
+        eta_pol, eta_rew = self.eta_of(pol), self.eta_of(rew)
+        in_window = self.start_in_window[r]
+        xk = _leaves(self.starts_x[r]) if in_window else _detached(self.starts_x[r])
+        theta_k = self.view(xk)
+        data = prepare_round(
+            self.problem, self.rounds[r].batch, theta_k, eta_pol, eta_rew, self.surrogate
+        )
+        keys = [k for k, v in data.items() if isinstance(v, Tensor) and v.requires_grad]
+        names = list(xk)
+        eta_in = _unique([(pol, eta_pol), (rew, eta_rew)])
+        inputs = ([xk[k] for k in names] if in_window else []) + [t for _, _, t in eta_in]
+        for c, ct in enumerate(cts):
+            gd = ct.gdata.pop(r, {})
+            pairs = [(data[k], gd[k]) for k in keys if k in gd]
+            if pairs and inputs:
+                raw = torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    inputs,
+                    grad_outputs=[g for _, g in pairs],
+                    allow_unused=True,
+                    retain_graph=c < len(cts) - 1,
+                )
+                gs = [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
+            else:
+                gs = [torch.zeros_like(t) for t in inputs]
+            n = len(names) if in_window else 0
+            if in_window:
+                ct.gx = {k: ct.gx[k] + gs[i] for i, k in enumerate(names)}
+                if ct.inject is not None:
+                    ct.gx = {k: ct.gx[k] + ct.inject[r][k] for k in names}
+            ct.add_eta(eta_in, gs[n:])
+
+
+@dataclass
+class _Adjoint:
+    """One cotangent carried back through the unroll (the outer loss's, or the score's)."""
+
+    gx: Params
+    gstate: dict[int, Tensor]
+    gdata: dict[int, dict[str, Tensor]]
+    eta: list[Params]
+    inject: list[Params] | None
+
+    @classmethod
+    def of(cls, loss: Tensor, x_n: Params, ck: Checkpointed, inject: Any) -> _Adjoint:
+        """The outer loss's gradient w.r.t. ``theta_{k+1}`` and ``eta``'s outer path."""
+        names = list(x_n)
+        eta_in = _unique([(OUTER, ck.eta_of(OUTER))])
+        inputs = [x_n[k] for k in names] + [t for _, _, t in eta_in]
+        ct = cls({}, {}, {}, [_zeros(p) for p in ck.paths], inject)
+        gs = _grad_or_zeros(loss, inputs)
+        ct.gx = {k: gs[i] for i, k in enumerate(names)}
+        ct.add_eta(eta_in, gs[len(names) :])
+        return ct
+
+    @classmethod
+    def of_score(cls, objective: Tensor, xs: list[Params], ck: Checkpointed) -> _Adjoint:
+        """The score objective's gradient w.r.t. each round start and every path of ``eta``."""
+        eta_in = _unique(list(enumerate(ck.paths)))
+        flat_x = [t for x in xs for t in x.values()]
+        gs = _grad_or_zeros(objective, flat_x + [t for _, _, t in eta_in])
+        inject, i = [], 0
+        for x in xs:
+            inject.append({k: gs[i + n] for n, k in enumerate(x)})
+            i += len(x)
+        ct = cls({k: torch.zeros_like(v) for k, v in ck.x_final.items()}, {}, {}, [], inject)
+        ct.eta = [_zeros(p) for p in ck.paths]
+        ct.add_eta(eta_in, gs[i:])
+        return ct
+
+    def state_cotangent(self, i: int) -> Tensor | None:
+        """The adjoint of state leaf ``i`` (``None`` at the unroll's end: the outer loss does
+        not read the optimizer state)."""
+        return self.gstate.get(i)
+
+    def add_data(self, r: int, grads: Mapping[str, Tensor]) -> None:
+        have = self.gdata.setdefault(r, {})
+        for k, g in grads.items():
+            have[k] = g if k not in have else have[k] + g
+
+    def add_eta(self, eta_in: list[tuple[int, str, Tensor]], grads: Sequence[Tensor]) -> None:
+        for (path, name, _), g in zip(eta_in, grads):
+            self.eta[path][name] = self.eta[path][name] + g
+
+
+def _unique(groups: list[tuple[int, Params]]) -> list[tuple[int, str, Tensor]]:
+    """``(path, name, tensor)`` for each distinct tensor (a shared ``eta`` counted once)."""
+    seen: set[int] = set()
+    out = []
+    for path, params in groups:
+        for name, t in params.items():
+            if id(t) not in seen and t.requires_grad:
+                seen.add(id(t))
+                out.append((path, name, t))
+    return out
+
+
+def _grad_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    if not inputs:
+        return []
+    if not loss.requires_grad:
+        return [torch.zeros_like(t) for t in inputs]
+    gs = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
+
+
+def _zeros(params: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _leaf(t: Any) -> Any:
+    return t.detach().requires_grad_(True) if _differentiable(t) else t
+
+
+def _leaves(params: Mapping[str, Tensor]) -> Params:
+    return {k: _leaf(v) for k, v in params.items()}
+
+
+def _detached(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _detach_tree(state: Any) -> Any:
+    return torchopt.pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+
+
+def _nbytes(tree: Any) -> int:
+    leaves, _ = torchopt.pytree.tree_flatten(tree)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
+
+
+def forward_sweep(
+    problem: MetaProblem,
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    paths: EtaPaths,
+    rounds: Sequence[Round],
+    opt_state: Any,
+    surrogate: InnerSurrogate,
+    checkpoint_every: int | str,
+    flat_params: bool = True,
+    truncate: int | None = None,
+) -> Checkpointed:
+    """The unroll's values with a checkpoint every ``k`` inner steps and at each round start.
+
+    Each step runs on detached inputs (its graph is freed at once); the values are those of
+    :func:`~metagrad_rl.unroll.unroll` (the same operations; ``prepare`` runs on the graph and
+    is detached, so it takes the same code path as in the stored-graph unroll).
+    """
+    layout = FlatLayout(theta) if flat_params else None
+    view = None if layout is None else _flat_view(layout)
+    if layout is None:
+        x: Params = {k: v.detach() for k, v in theta.items()}
+        state = tx.init(x) if opt_state is None else opt_state
+    else:
+        x = {FLAT_KEY: layout.flatten(theta).detach()}
+        state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    state = _detach_tree(state)
+    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+    k = segment_length(checkpoint_every, n_steps)
+    cut = 0 if truncate is None else max(0, n_steps - truncate)
+    segments: list[Segment] = []
+    data_all: list[dict[str, Tensor]] = []
+    starts_x: list[Params] = []
+    in_window: list[bool] = []
+    trace = StepTrace()
+    s = 0
+    for r, rnd in enumerate(rounds):
+        if r > 0:
+            trace.check()
+        last = r == len(rounds) - 1
+        eta_pol = paths.policy if last else paths.early
+        eta_rew = paths.reward if last else paths.early
+        starts_x.append(x)
+        in_window.append(s >= cut)
+        # prepare sees what it sees in the stored-graph unroll (which inputs carry a graph
+        # can choose its code path, e.g. GAE's): a round start before the window is a
+        # constant, and a round that ends before it has no graph at all
+        xk = _leaves(x) if s >= cut else x
+        theta_k = xk if view is None else view(xk)
+        if s + len(rnd.minibatches) <= cut:
+            eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
+        data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate)
+        check_prepared(data, r, rnd)
+        data_all.append({k_: v.detach() if isinstance(v, Tensor) else v for k_, v in data.items()})
+        seg_start = None
+        for j, idx in enumerate(rnd.minibatches):
+            if s >= cut and (seg_start is None or (s - cut) % k == 0 or s == cut):
+                if seg_start is not None:
+                    segments[-1].n = j - segments[-1].j0
+                segments.append(Segment(r, j, 0, x, state))
+                seg_start = j
+            xj = _leaves(x)
+            mb = _take(data_all[r], idx)
+            x1, state = inner_step(
+                problem, tx, xj, state, mb, _detached(eta_pol), False, view, trace, (r, j)
+            )
+            x, state = _detached(x1), _detach_tree(state)
+            s += 1
+        if seg_start is not None:
+            segments[-1].n = len(rnd.minibatches) - segments[-1].j0
+    saw_zero = trace.check()
+    ck_bytes = sum(_nbytes(seg.x) + _nbytes(seg.state) for seg in segments)
+    ck_bytes += sum(_nbytes(d) + _nbytes(x0) for d, x0 in zip(data_all, starts_x))
+    if layout is None:
+        theta_out, state_out = x, state
+        starts = list(starts_x)
+    else:
+        theta_out = layout.unflatten(x[FLAT_KEY])
+        state_out = layout.unflatten_state(state)
+        starts = [layout.unflatten(s_[FLAT_KEY]) for s_ in starts_x]
+    return Checkpointed(
+        problem=problem,
+        tx=tx,
+        paths=paths,
+        rounds=rounds,
+        surrogate=surrogate,
+        layout=layout,
+        cut=cut,
+        segments=segments,
+        data=data_all,
+        starts_x=starts_x,
+        start_in_window=in_window,
+        x_final=x,
+        theta=theta_out,
+        opt_state=state_out,
+        round_starts=starts,
+        saw_zero_gradient=saw_zero,
+        checkpoint_bytes=ck_bytes,
+    )
