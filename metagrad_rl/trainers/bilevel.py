@@ -39,7 +39,7 @@ Every estimator is one registry entry; adding one does not touch this file.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -284,6 +284,9 @@ class BilevelState:
     global_step: int = 0
     iteration: int = 0
     pending: RoundRecord | None = None
+    #: The policy rounds before ``pending`` that a multi-round estimator re-simulates (the
+    #: last ``rounds - 1``, oldest first; empty otherwise).
+    history: list[RoundRecord] = field(default_factory=list)
     baseline: float | None = None
     recent: list[float] = field(default_factory=list)
 
@@ -303,6 +306,7 @@ class BilevelState:
             "torch_rng": torch.get_rng_state(),
             "recent_returns": list(self.recent),
             "pending": None if self.pending is None else self.pending.to_checkpoint(),
+            "history": [r.to_checkpoint() for r in self.history],
             "baseline": self.baseline,
             "policy": policy_snapshot(
                 cfg.env,
@@ -327,6 +331,10 @@ class BilevelState:
         torch.set_rng_state(ckpt["torch_rng"])
         self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
         self.pending = RoundRecord.from_checkpoint(to_device(ckpt["pending"], device))
+        history = [
+            RoundRecord.from_checkpoint(to_device(d, device)) for d in ckpt.get("history", [])
+        ]
+        self.history = [r for r in history if r is not None]
         self.baseline = ckpt.get("baseline")
         self.recent = list(ckpt["recent_returns"])
         parts.par.resumed_normalisers(parts.collector)
@@ -507,6 +515,9 @@ def validation_round(
     )
     state.eta = detach_state(torchopt.apply_updates(state.eta, updates, inplace=False))
     state.pending = None  # frees the unroll's graph
+    if parts.meta_grad.rounds > 1:  # the rounds the next meta-steps re-simulate
+        state.history = [*state.history, rec][-(parts.meta_grad.rounds - 1) :]
+        rec.graph = None
     if rec.j_hat is not None:  # the baseline takes in J_hat of tau_k only after its meta-step
         d, b = cfg.baseline_decay, state.baseline
         state.baseline = rec.j_hat if b is None else d * b + (1 - d) * rec.j_hat
@@ -528,7 +539,8 @@ def meta_step(
             data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex, sigma
         )
     if mg.unroll != "none":
-        graph = rec.graph or start_unroll(cfg, parts, rec)  # a resumed run re-runs the unroll
+        # a resumed run re-runs the unroll; a multi-round one starts here, from the history
+        graph = rec.graph or start_unroll(cfg, parts, rec, state.history)
         result = graph.finish(
             outer,
             denominator=cfg.denominator,
@@ -550,39 +562,59 @@ def meta_step(
     return MetaStep(grad, named, diag, rec, outer, state.theta)
 
 
-def start_unroll(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> PendingMetaGradient:
-    """The estimator's differentiable unroll of ``rec`` (the real round or the look-ahead)."""
-    mg, tx = parts.meta_grad, parts.theta_tx
-    if rec.schedule is not None:  # the schedule it ran under (--total-steps may have changed)
-        restart, n = rec.schedule
-        tx = parts.par.averaged(
-            make_optimizer(
-                cfg.lr,
-                cfg.steps_per_round,
-                n,
-                cfg.anneal_lr,
-                cfg.max_grad_norm,
-                cfg.adam_eps,
-                cfg.adam_eps_root,
-                restart,
-            )
-        )
-    state = optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)
+def start_unroll(
+    cfg: BilevelConfig,
+    parts: Parts,
+    rec: RoundRecord,
+    history: Sequence[RoundRecord] = (),
+) -> PendingMetaGradient:
+    """The estimator's differentiable unroll of ``rec`` (the real round or the look-ahead).
+
+    A multi-round estimator (``rounds = R > 1``) unrolls the stored rounds of ``history`` (the
+    last ``R - 1`` before ``rec``, fewer early in a run) and then ``rec``'s, from the oldest
+    one's ``theta`` and optimizer state, every round at ``rec.eta``.
+    """
+    mg = parts.meta_grad
+    past = list(history)[-(mg.rounds - 1) :] if mg.rounds > 1 else []
+    first = past[0] if past else rec
+    tx = round_optimizer(cfg, parts, first)
+    state = optimizer_state_from_list(tx.init(first.theta), first.opt_state)
     if mg.unroll == "round":
-        rnd = Round(rec.batch, rec.minibatches)
+        rounds = [Round(r.batch, r.minibatches) for r in (*past, rec)]
     else:
         full = torch.arange(rec.batch["r_ex"].numel())
-        rnd = Round(rec.batch, [full] * cfg.lookahead_steps)
+        rounds = [Round(rec.batch, [full] * cfg.lookahead_steps)]
     return start_meta_gradient(
         parts.problem,
         tx,
-        rec.theta,
+        first.theta,
         rec.eta,
-        [rnd],
+        rounds,
         opt_state=state,
         surrogate=cfg.surrogate,
         terms=mg.terms,
         truncate=mg.truncate,
+        checkpoint_every=mg.checkpoint_every,
+    )
+
+
+def round_optimizer(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> Any:
+    """The inner optimizer under the learning-rate schedule ``rec`` ran under (``--total-steps``
+    may have changed since)."""
+    if rec.schedule is None:
+        return parts.theta_tx
+    restart, n = rec.schedule
+    return parts.par.averaged(
+        make_optimizer(
+            cfg.lr,
+            cfg.steps_per_round,
+            n,
+            cfg.anneal_lr,
+            cfg.max_grad_norm,
+            cfg.adam_eps,
+            cfg.adam_eps_root,
+            restart,
+        )
     )
 
 
@@ -641,10 +673,10 @@ def policy_round(
         j_hat=float(np.mean(eps.returns)) if eps.returns else None,
         schedule=(state.lr_restart, cfg.num_iterations),
     )
-    if mg.unroll != "none":
+    if mg.unroll != "none" and mg.rounds == 1:  # a multi-round one starts in the meta-step
         rec.graph = start_unroll(cfg, parts, rec)
     state.pending = rec
-    if mg.unroll == "round":
+    if mg.unroll == "round" and mg.rounds == 1:
         assert rec.graph is not None
         state.theta, state.theta_state = rec.graph.theta_next, rec.graph.opt_state
         stats = critic_round(cfg, parts, state, data, adv_mix)

@@ -14,7 +14,12 @@ An entry says what the bilevel trainer must prepare for it and what it applies:
 - ``log_keys``: the ``progress.csv`` columns it fills (every one is written, empty when absent);
 - ``needs_cln``: the estimator needs a policy conditioned on ``eta`` (Eq 17 is zero otherwise);
 - ``truncate``: with ``unroll="round"``, differentiate through the last ``truncate`` inner steps
-  only (truncated backpropagation, :func:`metagrad_rl.metagrad.meta_gradient`).
+  only (truncated backpropagation, :func:`metagrad_rl.metagrad.meta_gradient`);
+- ``rounds``: with ``unroll="round"``, differentiate through the last ``rounds`` policy rounds,
+  re-simulated from the stored ``theta`` of the oldest at the current ``eta`` (``exact-r3``;
+  ``docs/estimators.md`` says exactly which function that is);
+- ``checkpoint_every``: the engine's reverse pass (``None``: the stored graph; ``k`` or
+  ``"auto"``: the checkpointed one, :mod:`metagrad_rl.recompute`).
 
 The trainer (:mod:`metagrad_rl.trainers.bilevel`), the CLI's ``--meta-grad`` choices, the docs
 table and ``benchmarks/compare_terms`` read :data:`META_GRADS`. To add an estimator, build a
@@ -69,8 +74,14 @@ class MetaGrad:
     log_keys: tuple[str, ...] = ()
     needs_cln: bool = False
     truncate: int | None = None
+    rounds: int = 1
+    checkpoint_every: int | str | None = None
 
     def __post_init__(self) -> None:
+        if self.rounds != 1 and (self.unroll != "round" or self.rounds < 1):
+            raise ConfigError(
+                f"meta-grad {self.name!r}: rounds={self.rounds} needs unroll='round' and >= 1"
+            )
         if self.truncate is not None and (self.unroll != "round" or self.truncate < 0):
             raise ConfigError(
                 f"meta-grad {self.name!r}: truncate={self.truncate} needs unroll='round' and >= 0"
@@ -216,6 +227,22 @@ def truncated(k: int) -> MetaGrad:
     )
 
 
+def multi_round(rounds: int) -> MetaGrad:
+    """``exact-r<R>``: the total through the last ``R`` policy rounds, re-simulated at the
+    current ``eta`` by the checkpointed reverse pass (memory of about ``sqrt`` of the steps)."""
+    return MetaGrad(
+        f"exact-r{rounds}",
+        f"the total derivative through the last {rounds} policy rounds, re-simulated from the "
+        "oldest one's stored theta at the current eta (Eq 11-14, checkpointed reverse pass)",
+        _exact,
+        unroll="round",
+        terms=True,
+        log_keys=TERM_KEYS,
+        rounds=rounds,
+        checkpoint_every="auto",
+    )
+
+
 def subset(names: tuple[str, ...]) -> MetaGrad:
     """``terms-eqA+eqB``: the sum of the named terms of Eq 11-14 through the real round."""
     bad = [n for n in names if n not in ("eq11", "eq12", "eq13", "eq14")]
@@ -240,6 +267,7 @@ def subset(names: tuple[str, ...]) -> MetaGrad:
 
 for _k in (1, 8, 32):
     register(truncated(_k))
+register(multi_round(3))
 # In the trainer's one-round unroll Eq 14 is 0: the subsets of Eq 11-13 are the partial ones.
 for _names in (("eq13",), ("eq12", "eq13"), ("eq11", "eq13"), ("eq11", "eq12")):
     register(subset(_names))
