@@ -16,6 +16,17 @@ from termbench.accuracy import accuracy_tables, plot_accuracy, run_accuracy
 from termbench.bias import mujoco_draws, mujoco_table, run_tabular, tabular_table
 from termbench.common import FULL, OPT_IN_SECTIONS, SECTIONS, SMALL, Budget, write_rows
 from termbench.cost import cost_tables, plot_cost, probe_main, run_cost
+from termbench.horizon import (
+    horizon_tables,
+    plot_horizon,
+    plot_science,
+    run_horizon,
+    run_science,
+    science_tables,
+)
+from termbench.horizon import (
+    probe_main as horizon_probe,
+)
 from termbench.learning import learning_tables, run_learning
 
 
@@ -95,6 +106,24 @@ def section_bias(args: argparse.Namespace, budget: Budget, out: Path, progress: 
     print(mujoco_table(mj))
 
 
+def section_horizon(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    rows = run_horizon(out / "horizon", seed=args.seed, progress=progress)
+    write_rows(out, "horizon", rows, {"env": "Hopper-v5", "seed": args.seed})
+    plot_horizon(rows, out / "horizon.png")
+    print("\n## Horizon: the exact meta-gradient through R rounds, stored vs checkpointed\n")
+    print(horizon_tables(rows))
+
+
+def section_horizon_science(
+    args: argparse.Namespace, budget: Budget, out: Path, progress: bool
+) -> None:
+    rows = run_science(out / "horizon_science", seed=args.seed, progress=progress)
+    write_rows(out, "horizon_science", rows, {"env": "Hopper-v5", "seed": args.seed})
+    plot_science(rows, out / "horizon_science.png")
+    print("\n## Horizon science: R = 1..10 re-simulated rounds at the current eta\n")
+    print(science_tables(rows))
+
+
 #: Section name -> its runner, in the order they run.
 RUNNERS: dict[str, Callable[[argparse.Namespace, Budget, Path, bool], None]] = {
     "accuracy": section_accuracy,
@@ -102,6 +131,8 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Budget, Path, bool], None]] = {
     "cost": section_cost,
     "learning": section_learning,
     "bias": section_bias,
+    "horizon": section_horizon,
+    "horizon-science": section_horizon_science,
 }
 
 
@@ -121,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS + OPT_IN_SECTIONS)} (default: "
         f"{','.join(SECTIONS)}; accuracy-cost is benchmarks/accuracy_cost.py: truncated and "
-        "partial estimators, accuracy against cost)",
+        "partial estimators, accuracy against cost; horizon: stored against checkpointed "
+        "reverse pass through R = 1..10 Hopper rounds; horizon-science: the terms over R = "
+        "1..10 rounds at three points of a 100k-step run)",
     )
     p.add_argument(
         "--runs",
@@ -134,12 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-rounds", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--probe-explicit-steps", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--probe-horizon", help=argparse.SUPPRESS)
+    p.add_argument("--probe-mode", default="stored", help=argparse.SUPPRESS)
+    p.add_argument("--probe-out", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.probe_horizon:
+        row = horizon_probe(args.probe_horizon, args.probe_rounds, args.probe_mode, args.probe_out)
+        print(json.dumps(row))
+        return 0
     if args.probe:
         row = probe_main(
             args.probe, args.probe_steps, args.probe_rounds, args.seed, args.probe_explicit_steps
