@@ -188,14 +188,7 @@ class Checkpointed:
         for c, ct in enumerate(cts):
             grad_out = [ct.gx[k] for k in names] + [ct.state_cotangent(i) for i in out_idx]
             pairs = [(o, g) for o, g, k in zip(outs, grad_out, keep) if k and g is not None]
-            raw = torch.autograd.grad(
-                [o for o, _ in pairs],
-                inputs,
-                grad_outputs=[g for _, g in pairs],
-                allow_unused=True,
-                retain_graph=c < len(cts) - 1,
-            )
-            gs = [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
+            gs = _vjp(pairs, inputs, retain_graph=c < len(cts) - 1)
             i = 0
             ct.gx = {k: gs[i + n] for n, k in enumerate(names)}
             i += len(names)
@@ -224,17 +217,7 @@ class Checkpointed:
         for c, ct in enumerate(cts):
             gd = ct.gdata.pop(r, {})
             pairs = [(data[k], gd[k]) for k in keys if k in gd]
-            if pairs and inputs:
-                raw = torch.autograd.grad(
-                    [o for o, _ in pairs],
-                    inputs,
-                    grad_outputs=[g for _, g in pairs],
-                    allow_unused=True,
-                    retain_graph=c < len(cts) - 1,
-                )
-                gs = [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
-            else:
-                gs = [torch.zeros_like(t) for t in inputs]
+            gs = _vjp(pairs, inputs, retain_graph=c < len(cts) - 1)
             n = len(names) if in_window else 0
             if in_window:
                 ct.gx = {k: ct.gx[k] + gs[i] for i, k in enumerate(names)}
@@ -305,6 +288,22 @@ def _unique(groups: list[tuple[int, Params]]) -> list[tuple[int, str, Tensor]]:
                 seen.add(id(t))
                 out.append((path, name, t))
     return out
+
+
+def _vjp(
+    pairs: Sequence[tuple[Tensor, Tensor]], inputs: list[Tensor], retain_graph: bool
+) -> list[Tensor]:
+    """``sum_i <cotangent_i, d output_i / d input>`` for each input (zeros where unused)."""
+    if not pairs or not inputs:
+        return [torch.zeros_like(t) for t in inputs]
+    raw = torch.autograd.grad(
+        [o for o, _ in pairs],
+        inputs,
+        grad_outputs=[g for _, g in pairs],
+        allow_unused=True,
+        retain_graph=retain_graph,
+    )
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
 
 
 def _grad_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
