@@ -89,7 +89,8 @@ def default_budget_bytes() -> int | None:
     return None if avail is None else int(0.8 * avail)
 
 
-def _tree_bytes(tree: Any) -> int:
+def tree_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a pytree (dicts, lists, optimizer states)."""
     leaves, _ = torchopt.pytree.tree_flatten(tree)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
 
@@ -128,9 +129,9 @@ def probe_bytes(
     outs = [v for v in (*data.values(), x1[FLAT_KEY]) if v.requires_grad]
     leaves = [*theta_k.values(), *eta_.values(), x[FLAT_KEY]]
     torch.autograd.grad([o.sum() for o in outs], leaves, allow_unused=True)
-    x_bytes = _tree_bytes(x)
-    per_checkpoint = x_bytes + _tree_bytes(state)
-    per_round_stored = _tree_bytes(dict(data)) + x_bytes
+    x_bytes = tree_bytes(x)
+    per_checkpoint = x_bytes + tree_bytes(state)
+    per_round_stored = tree_bytes(dict(data)) + x_bytes
     return m_prep.peak_bytes, m_step.peak_bytes, per_checkpoint, per_round_stored
 
 

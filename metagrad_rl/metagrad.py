@@ -264,29 +264,11 @@ class PendingMetaGradient:
             raise ConfigError(
                 f"denominator={denominator!r} is invalid: expected one of {DENOMINATORS}"
             )
-        problem, paths, res, eta = self.problem, self.paths, self._res, self.eta
+        problem, res, eta = self.problem, self._res, self.eta
         t0 = time.perf_counter()
         theta_den = res.round_starts[-1] if denominator == "theta_k" else res.theta
-        if isinstance(res, Checkpointed):
-            loss, split, total, score = self._reverse_checkpointed(
-                outer_batch, theta_den, score_weight, magic_box
-            )
-        else:
-            with self._meter:
-                loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
-                check_outer_loss(loss)
-                loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
-            self._res = None
-            score = None
-            if loglik is not None and score_weight is not None:
-                groups = list(paths) if self.terms else [paths.outer]
-                objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
-                score = _add(*_grads_many(objective, groups, retain_graph=True))
-            if self.terms:
-                split = dict(zip(TERMS, _grads_many(loss, list(paths))))
-                total = _add(*split.values())
-            else:
-                total, split = _grads(loss, paths.outer), {}
+        reverse = self._reverse_checkpointed if isinstance(res, Checkpointed) else self._reverse
+        loss, split, total, score = reverse(outer_batch, theta_den, score_weight, magic_box)
         elapsed = self._t_unroll + time.perf_counter() - t0
         self._check_backward(total, score)
         theta_den = {k: v.detach() for k, v in theta_den.items()}
@@ -306,6 +288,30 @@ class PendingMetaGradient:
             score=score,
             notes=self.notes,
         )
+
+    def _reverse(
+        self,
+        outer_batch: Batch,
+        theta_den: Params,
+        score_weight: float | None,
+        magic_box: bool,
+    ) -> tuple[Tensor, dict[str, Params], Params, Params | None]:
+        """:meth:`finish` by one backward pass through the stored graph."""
+        res, paths, eta, problem = self._res, self.paths, self.eta, self.problem
+        with self._meter:
+            loss = outer_loss_at(problem, res.theta, paths.outer, outer_batch, theta_den, eta)
+            check_outer_loss(loss)
+            loglik = None if score_weight is None else self._log_likelihood(res.round_starts)
+        self._res = None
+        score = None
+        if loglik is not None and score_weight is not None:
+            groups = list(paths) if self.terms else [paths.outer]
+            objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
+            score = _add(*_grads_many(objective, groups, retain_graph=True))
+        if self.terms:
+            split = dict(zip(TERMS, _grads_many(loss, list(paths))))
+            return loss, split, _add(*split.values()), score
+        return loss, {}, _grads(loss, paths.outer), score
 
     def _reverse_checkpointed(
         self,
@@ -400,6 +406,41 @@ def check_truncate(truncate: Any) -> None:
         )
 
 
+def _check_inputs(
+    problem: MetaProblem,
+    optimizer: Any,
+    theta: Mapping[str, Tensor],
+    eta: Mapping[str, Tensor],
+    truncate: Any,
+    checkpoint_every: Any,
+    opt_state: Any,
+    allow_graph_cuts: bool,
+) -> list[str]:
+    """One :class:`ConfigError` for the first bad argument of :func:`start_meta_gradient`;
+    returns the optimizer's graph cuts allowed by ``allow_graph_cuts``."""
+    check_optimizer(optimizer)
+    cuts = check_differentiable(optimizer, allow_graph_cuts)
+    check_params("theta", theta, problem.theta_spec)
+    check_params("eta", eta, problem.eta_spec)
+    check_truncate(truncate)
+    check_checkpoint_every(checkpoint_every)
+    if opt_state is not None and not isinstance(opt_state, tuple):
+        raise ConfigError(
+            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
+        )
+    return cuts
+
+
+def _surrogate(surrogate: Any) -> InnerSurrogate:
+    try:
+        return InnerSurrogate(surrogate)
+    except ValueError:
+        raise ConfigError(
+            f"surrogate={surrogate!r} is invalid: expected one of "
+            f"{[s.value for s in InnerSurrogate]}"
+        ) from None
+
+
 def start_meta_gradient(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
@@ -419,24 +460,11 @@ def start_meta_gradient(
 ) -> PendingMetaGradient:
     """The first half of :func:`meta_gradient`: validate, check memory, unroll (the graph
     kept, or with ``checkpoint_every`` only the checkpoints of the recomputing pass)."""
-    check_optimizer(optimizer)
-    cuts = check_differentiable(optimizer, allow_graph_cuts)
-    check_params("theta", theta, problem.theta_spec)
-    check_params("eta", eta, problem.eta_spec)
+    cuts = _check_inputs(
+        problem, optimizer, theta, eta, truncate, checkpoint_every, opt_state, allow_graph_cuts
+    )
     rounds = check_rounds(rounds)
-    check_truncate(truncate)
-    check_checkpoint_every(checkpoint_every)
-    if opt_state is not None and not isinstance(opt_state, tuple):
-        raise ConfigError(
-            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
-        )
-    try:
-        surrogate = InnerSurrogate(surrogate)
-    except ValueError:
-        raise ConfigError(
-            f"surrogate={surrogate!r} is invalid: expected one of "
-            f"{[s.value for s in InnerSurrogate]}"
-        ) from None
+    surrogate = _surrogate(surrogate)
     check_unroll_memory(
         problem,
         optimizer,
@@ -456,33 +484,16 @@ def start_meta_gradient(
         else EtaPaths.shared({k: v.clone().requires_grad_(True) for k, v in eta_c.items()})
     )
     meter = GraphMemoryMeter(enabled=measure_memory)
+    sweep_kw: dict[str, Any] = dict(flat_params=flat_params, truncate=truncate)
     res: Any
     if checkpoint_every is not None:
         res = forward_sweep(
-            problem,
-            optimizer,
-            theta,
-            paths,
-            rounds,
-            opt_state,
-            surrogate,
-            checkpoint_every,
-            flat_params=flat_params,
-            truncate=truncate,
-        )
+            problem, optimizer, theta, paths, rounds, opt_state, surrogate, checkpoint_every,
+            **sweep_kw,
+        )  # fmt: skip
     else:
         with meter:
-            res = unroll(
-                problem,
-                optimizer,
-                theta,
-                paths,
-                rounds,
-                opt_state,
-                surrogate,
-                flat_params=flat_params,
-                truncate=truncate,
-            )
+            res = unroll(problem, optimizer, theta, paths, rounds, opt_state, surrogate, **sweep_kw)
     notes = tuple(f"held constant (allow_graph_cuts=True): {why}" for why in cuts)
     pending = PendingMetaGradient(
         problem,

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
-from metagrad_rl.memory import GraphMemoryMeter
+from metagrad_rl.memory import GraphMemoryMeter, tree_bytes
 from metagrad_rl.unroll import (
     EtaPaths,
     InnerSurrogate,
@@ -42,6 +42,8 @@ from metagrad_rl.unroll import (
     Params,
     Round,
     StepTrace,
+    _detach_leaf,
+    _detached,
     _flat_view,
     _take,
     check_prepared,
@@ -101,7 +103,6 @@ class Checkpointed:
     rounds: Sequence[Round]
     surrogate: InnerSurrogate
     layout: FlatLayout | None
-    cut: int
     segments: list[Segment]
     data: list[dict[str, Tensor]]
     starts_x: list[Params]
@@ -124,9 +125,6 @@ class Checkpointed:
         last = r == len(self.rounds) - 1
         return (POLICY, REWARD) if last else (EARLY, EARLY)
 
-    def eta_of(self, path: int) -> Params:
-        return self.paths[path]
-
     # ------------------------------------------------------------------ reverse pass
     def reverse(
         self,
@@ -142,7 +140,7 @@ class Checkpointed:
         """
         x_n = _leaves(self.x_final)
         loss = outer_objective(self.view(x_n))
-        cts = [_Adjoint.of(loss, x_n, self, inject=None)]
+        cts = [_Adjoint.of(loss, x_n, self)]
         if score_objective is not None:
             xs = [_leaves(s) for s in self.starts_x]
             objective = score_objective([self.view(s) for s in xs])
@@ -163,7 +161,7 @@ class Checkpointed:
         state = torchopt.pytree.tree_unflatten(spec, s0)
         d0 = _leaves(self.data[seg.r])
         pol, _ = self.round_paths(seg.r)
-        eta_pol = self.eta_of(pol)
+        eta_pol = self.paths[pol]
         rnd = self.rounds[seg.r]
         view = None if self.layout is None else _flat_view(self.layout)
         meter = GraphMemoryMeter(enabled=measure)
@@ -203,7 +201,7 @@ class Checkpointed:
         the score's adjoint of ``theta_k`` joins here. A round start before the window of a
         truncated unroll is a constant: only ``eta``'s adjoint goes on."""
         pol, rew = self.round_paths(r)
-        eta_pol, eta_rew = self.eta_of(pol), self.eta_of(rew)
+        eta_pol, eta_rew = self.paths[pol], self.paths[rew]
         in_window = self.start_in_window[r]
         xk = _leaves(self.starts_x[r]) if in_window else _detached(self.starts_x[r])
         theta_k = self.view(xk)
@@ -237,12 +235,12 @@ class _Adjoint:
     inject: list[Params] | None
 
     @classmethod
-    def of(cls, loss: Tensor, x_n: Params, ck: Checkpointed, inject: Any) -> _Adjoint:
+    def of(cls, loss: Tensor, x_n: Params, ck: Checkpointed) -> _Adjoint:
         """The outer loss's gradient w.r.t. ``theta_{k+1}`` and ``eta``'s outer path."""
         names = list(x_n)
-        eta_in = _unique([(OUTER, ck.eta_of(OUTER))])
+        eta_in = _unique([(OUTER, ck.paths[OUTER])])
         inputs = [x_n[k] for k in names] + [t for _, _, t in eta_in]
-        ct = cls({}, {}, {}, [_zeros(p) for p in ck.paths], inject)
+        ct = cls({}, {}, {}, [_zeros(p) for p in ck.paths], None)
         gs = _grad_or_zeros(loss, inputs)
         ct.gx = {k: gs[i] for i, k in enumerate(names)}
         ct.add_eta(eta_in, gs[len(names) :])
@@ -331,17 +329,8 @@ def _leaves(params: Mapping[str, Tensor]) -> Params:
     return {k: _leaf(v) for k, v in params.items()}
 
 
-def _detached(params: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in params.items()}
-
-
 def _detach_tree(state: Any) -> Any:
-    return torchopt.pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
-
-
-def _nbytes(tree: Any) -> int:
-    leaves, _ = torchopt.pytree.tree_flatten(tree)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
+    return torchopt.pytree.tree_map(_detach_leaf, state)
 
 
 def forward_sweep(
@@ -363,67 +352,14 @@ def forward_sweep(
     is detached, so it takes the same code path as in the stored-graph unroll).
     """
     layout = FlatLayout(theta) if flat_params else None
-    view = None if layout is None else _flat_view(layout)
-    if layout is None:
-        x: Params = {k: v.detach() for k, v in theta.items()}
-        state = tx.init(x) if opt_state is None else opt_state
-    else:
-        x = {FLAT_KEY: layout.flatten(theta).detach()}
-        state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
-    state = _detach_tree(state)
-    n_steps = sum(len(rnd.minibatches) for rnd in rounds)
-    k = segment_length(checkpoint_every, n_steps)
-    cut = 0 if truncate is None else max(0, n_steps - truncate)
-    segments: list[Segment] = []
-    data_all: list[dict[str, Tensor]] = []
-    starts_x: list[Params] = []
-    in_window: list[bool] = []
-    trace = StepTrace()
-    s = 0
-    for r, rnd in enumerate(rounds):
-        if r > 0:
-            trace.check()
-        last = r == len(rounds) - 1
-        eta_pol = paths.policy if last else paths.early
-        eta_rew = paths.reward if last else paths.early
-        starts_x.append(x)
-        in_window.append(s >= cut)
-        # prepare sees what it sees in the stored-graph unroll (which inputs carry a graph
-        # can choose its code path, e.g. GAE's): a round start before the window is a
-        # constant, and a round that ends before it has no graph at all
-        xk = _leaves(x) if s >= cut else x
-        theta_k = xk if view is None else view(xk)
-        if s + len(rnd.minibatches) <= cut:
-            eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
-        data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate)
-        check_prepared(data, r, rnd)
-        data_all.append({k_: v.detach() if isinstance(v, Tensor) else v for k_, v in data.items()})
-        seg_start = None
-        for j, idx in enumerate(rnd.minibatches):
-            if s >= cut and (seg_start is None or (s - cut) % k == 0 or s == cut):
-                if seg_start is not None:
-                    segments[-1].n = j - segments[-1].j0
-                segments.append(Segment(r, j, 0, x, state))
-                seg_start = j
-            xj = _leaves(x)
-            mb = _take(data_all[r], idx)
-            x1, state = inner_step(
-                problem, tx, xj, state, mb, _detached(eta_pol), False, view, trace, (r, j)
-            )
-            x, state = _detached(x1), _detach_tree(state)
-            s += 1
-        if seg_start is not None:
-            segments[-1].n = len(rnd.minibatches) - segments[-1].j0
-    saw_zero = trace.check()
-    ck_bytes = sum(_nbytes(seg.x) + _nbytes(seg.state) for seg in segments)
-    ck_bytes += sum(_nbytes(d) + _nbytes(x0) for d, x0 in zip(data_all, starts_x))
-    if layout is None:
-        theta_out, state_out = x, state
-        starts = list(starts_x)
-    else:
-        theta_out = layout.unflatten(x[FLAT_KEY])
-        state_out = layout.unflatten_state(state)
-        starts = [layout.unflatten(s_[FLAT_KEY]) for s_ in starts_x]
+    sweep = _Sweep(problem, tx, paths, rounds, surrogate, layout, checkpoint_every, truncate)
+    x, state = _start(theta, tx, opt_state, layout)
+    for r in range(len(rounds)):
+        x, state = sweep.round(r, x, state)
+    saw_zero = sweep.trace.check()
+    ck_bytes = sum(tree_bytes(seg.x) + tree_bytes(seg.state) for seg in sweep.segments)
+    ck_bytes += tree_bytes(sweep.data) + tree_bytes(sweep.starts_x)
+    unflat = (lambda p: p) if layout is None else (lambda p: layout.unflatten(p[FLAT_KEY]))
     return Checkpointed(
         problem=problem,
         tx=tx,
@@ -431,15 +367,94 @@ def forward_sweep(
         rounds=rounds,
         surrogate=surrogate,
         layout=layout,
-        cut=cut,
-        segments=segments,
-        data=data_all,
-        starts_x=starts_x,
-        start_in_window=in_window,
+        segments=sweep.segments,
+        data=sweep.data,
+        starts_x=sweep.starts_x,
+        start_in_window=sweep.in_window,
         x_final=x,
-        theta=theta_out,
-        opt_state=state_out,
-        round_starts=starts,
+        theta=unflat(x),
+        opt_state=state if layout is None else layout.unflatten_state(state),
+        round_starts=[unflat(s_) for s_ in sweep.starts_x],
         saw_zero_gradient=saw_zero,
         checkpoint_bytes=ck_bytes,
     )
+
+
+def _start(
+    theta: Mapping[str, Tensor], tx: Any, opt_state: Any, layout: FlatLayout | None
+) -> tuple[Params, Any]:
+    """What the optimizer updates (``theta``, or its flat vector) and its state, detached."""
+    if layout is None:
+        x: Params = _detached(theta)
+        state = tx.init(x) if opt_state is None else opt_state
+    else:
+        x = {FLAT_KEY: layout.flatten(theta).detach()}
+        state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    return x, _detach_tree(state)
+
+
+class _Sweep:
+    """The forward sweep's running record: checkpoints, prepared data, round starts."""
+
+    def __init__(
+        self,
+        problem: MetaProblem,
+        tx: Any,
+        paths: EtaPaths,
+        rounds: Sequence[Round],
+        surrogate: InnerSurrogate,
+        layout: FlatLayout | None,
+        checkpoint_every: int | str,
+        truncate: int | None,
+    ) -> None:
+        self.problem, self.tx, self.paths, self.rounds = problem, tx, paths, rounds
+        self.surrogate = surrogate
+        self.view = None if layout is None else _flat_view(layout)
+        n_steps = sum(len(rnd.minibatches) for rnd in rounds)
+        self.k = segment_length(checkpoint_every, n_steps)
+        self.cut = 0 if truncate is None else max(0, n_steps - truncate)
+        self.segments: list[Segment] = []
+        self.data: list[dict[str, Tensor]] = []
+        self.starts_x: list[Params] = []
+        self.in_window: list[bool] = []
+        self.trace = StepTrace()
+        self.s = 0  # inner steps done, over all rounds
+
+    def round(self, r: int, x: Params, state: Any) -> tuple[Params, Any]:
+        """Round ``r``: its prepared data, then its steps, a checkpoint where a segment starts."""
+        if r > 0:
+            self.trace.check()
+        rnd, last = self.rounds[r], r == len(self.rounds) - 1
+        eta_pol = self.paths.policy if last else self.paths.early
+        eta_rew = self.paths.reward if last else self.paths.early
+        self.starts_x.append(x)
+        self.in_window.append(self.s >= self.cut)
+        # prepare sees what it sees in the stored-graph unroll (which inputs carry a graph
+        # can choose its code path, e.g. GAE's): a round start before the window is a
+        # constant, and a round that ends before it has no graph at all
+        xk = _leaves(x) if self.s >= self.cut else x
+        if self.s + len(rnd.minibatches) <= self.cut:
+            eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
+        theta_k = xk if self.view is None else self.view(xk)
+        data = prepare_round(self.problem, rnd.batch, theta_k, eta_pol, eta_rew, self.surrogate)
+        check_prepared(data, r, rnd)
+        data = {k: v.detach() for k, v in data.items()}
+        self.data.append(data)
+        eta_values = _detached(eta_pol)
+        first = len(self.segments)
+        for j, idx in enumerate(rnd.minibatches):
+            if self.s >= self.cut and (len(self.segments) == first or self._boundary()):
+                self.segments.append(Segment(r, j, 0, x, state))
+            x1, state = inner_step(
+                self.problem, self.tx, _leaves(x), state, _take(data, idx), eta_values, False,
+                self.view, self.trace, (r, j),
+            )  # fmt: skip
+            x, state = _detached(x1), _detach_tree(state)
+            self.s += 1
+        ends = [seg.j0 for seg in self.segments[first + 1 :]] + [len(rnd.minibatches)]
+        for seg, end in zip(self.segments[first:], ends):
+            seg.n = end - seg.j0
+        return x, state
+
+    def _boundary(self) -> bool:
+        return (self.s - self.cut) % self.k == 0

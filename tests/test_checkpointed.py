@@ -170,3 +170,16 @@ def test_bad_checkpoint_every_is_one_clear_error(bad):
     problem, theta, eta, rounds, outer = make_setup(n_rounds=1, steps=2)
     with pytest.raises(ConfigError, match=r"checkpoint_every=.* is invalid: expected None"):
         meta_gradient(problem, torchopt.sgd(0.1), theta, eta, rounds, outer, checkpoint_every=bad)
+
+
+@pytest.mark.parametrize("n_rounds", [1, 2])
+def test_checkpointed_trainer_chain_against_central_differences(n_rounds):
+    """The recomputed segments differentiate what runs: the trainer's own clip + Adam chain,
+    clipping firing on some steps, against float64 central differences (the verifier's
+    gradcheck of the total and each term on its own path)."""
+    problem, tx, theta, eta, rounds, outer = _clipped_setup(n_rounds, "adam")
+    report = verify_meta_gradient(
+        problem, tx, theta, eta, rounds, outer, checkpoint_every=3, raise_on_failure=True
+    )
+    assert report.passed and report.gradcheck_passed
+    assert all(report.terms[t].passed for t in TERMS)

@@ -75,8 +75,8 @@ def record_rounds(
     def on_meta_step(step: Any) -> None:
         keep.append(step)
         del keep[:-window]
-        i = len(paths_seen)
-        paths_seen.append(i)
+        i = seen["steps"]
+        seen["steps"] += 1
         if i in picks and len(keep) >= window:
             path = out / f"rounds_meta{i}.pt"
             r = [s.round for s in keep]
@@ -102,7 +102,7 @@ def record_rounds(
             save_checkpoint(path, blob)
             paths.append(path)
 
-    paths_seen: list[int] = []
+    seen = {"steps": 0}
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_run_dir(run_dir)

@@ -517,7 +517,6 @@ def validation_round(
     state.pending = None  # frees the unroll's graph
     if parts.meta_grad.rounds > 1:  # the rounds the next meta-steps re-simulate
         state.history = [*state.history, rec][-(parts.meta_grad.rounds - 1) :]
-        rec.graph = None
     if rec.j_hat is not None:  # the baseline takes in J_hat of tau_k only after its meta-step
         d, b = cfg.baseline_decay, state.baseline
         state.baseline = rec.j_hat if b is None else d * b + (1 - d) * rec.j_hat
