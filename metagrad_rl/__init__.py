@@ -6,7 +6,7 @@ trainers -> CLI. ``docs/equations.md`` maps every equation of the paper to its f
 """
 
 from metagrad_rl.distributed import all_reduce_sum, average_across_workers
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.estimators import magic_box, score_function_term
 from metagrad_rl.explicit import (
     explicit_sgd_terms,
@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConditionalLayerNorm",
     "ConfigError",
+    "DivergenceError",
     "Critic",
     "EtaPaths",
     "GaussianPolicy",

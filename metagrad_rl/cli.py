@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from metagrad_rl import config as C
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.errors import ConfigError, DivergenceError
 
 PROG = "metagrad-rl"
 DEFAULT_ALGO = "ppo"
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except PeerConfigError:
         return 2  # rank 0 prints it
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         msg = " ".join(str(err).split())
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ import torch
 import torchopt
 from torch import Tensor
 
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 
 Params = dict[str, Tensor]
@@ -187,7 +187,9 @@ class StepTrace:
         )
 
     def check(self) -> bool:
-        """Raise :class:`ConfigError` at the first non-finite value; return ``saw_zero``."""
+        """Raise at the first non-finite value (:class:`DivergenceError` when the updates ran away,
+        :class:`ConfigError` when the loss or its derivative is itself not finite); return
+        ``saw_zero``."""
         if not self.flags:
             return False
         flags = torch.stack(self.flags).cpu()
@@ -198,7 +200,7 @@ class StepTrace:
         (r, j), loss, size = self.where[i], float(self.losses[i]), float(self.sizes[i])
         at = f"round {r}, inner step {j}"
         if size > self.RUNAWAY or not bool(flags[i, 2]) and bool(flags[i, :2].all()):
-            raise ConfigError(
+            raise DivergenceError(
                 f"theta became non-finite at {at}: the optimizer's updates diverged (max |theta| "
                 f"was {size:.3g} before this step, its loss {loss:.6g}); lower the step size"
             )

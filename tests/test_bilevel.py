@@ -414,3 +414,98 @@ def test_intrinsic_episode_returns_sum_r_in_over_each_finished_episode():
     # env 0: episodes 1+2 and 3+4; env 1: 10+20+30, then 40 is unfinished
     assert intrinsic_episode_returns(r, ends) == [3.0, 7.0, 60.0]
     assert intrinsic_episode_returns(r[:, :1].reshape(-1), ends[:, 0]) == [3.0, 7.0]
+
+
+@pytest.mark.parametrize("eta_lr", [1e-2, 0.0])
+def test_a_non_finite_meta_gradient_skips_eta_step_and_is_counted(tmp_path, monkeypatch, eta_lr):
+    """One NaN in the meta-gradient would make eta NaN through Adam's moments (even at
+    ``eta_lr = 0``: ``0 * NaN``), which is how three 1M-step Hopper runs died. The trainer
+    skips that step -- eta and its optimizer state unchanged, bit for bit -- counts it in the
+    log, the checkpoint and the summary, and goes on."""
+    from metagrad_rl.trainers import bilevel
+
+    real, seen = bilevel.meta_step, []
+
+    def poisoned(cfg, parts, state, rec, data):
+        step = real(cfg, parts, state, rec, data)
+        if not seen:  # the first meta-step: one NaN entry
+            k = next(iter(step.grad))
+            step.grad[k] = (
+                step.grad[k]
+                .clone()
+                .view(-1)
+                .index_fill(0, torch.tensor([0]), torch.nan)
+                .view_as(step.grad[k])
+            )
+        seen.append(
+            (
+                {k: v.clone() for k, v in state.eta.items()},
+                [t.clone() for t in bilevel.optimizer_state_to_list(state.eta_state)],
+            )
+        )
+        return step
+
+    monkeypatch.setattr(bilevel, "meta_step", poisoned)
+    etas = []
+    summary = train(
+        _config("cln", eta_lr=eta_lr, total_steps=128 * 4),
+        tmp_path / "run",
+        on_meta_step=lambda s: etas.append({k: v.clone() for k, v in s.round.eta.items()}),
+    )
+    assert summary["meta_steps_skipped"] == 1
+    # the eta after the poisoned step (the round after it ran with it) is the eta before it
+    eta_before, state_before = seen[0]
+    eta_after, state_after = seen[1]
+    for k in eta_before:
+        assert torch.equal(eta_before[k], eta_after[k]), k
+    for a, b in zip(state_before, state_after):
+        assert torch.equal(a, b)
+    # a finite step later does move eta (when eta_lr > 0)
+    moved = any(not torch.equal(etas[-1][k], eta_after[k]) for k in eta_after)
+    assert moved == (eta_lr > 0)
+    rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()
+    col = rows[0].split(",").index("meta_steps_skipped")
+    assert [r.split(",")[col] for r in rows[1:]] == ["", "1", "1", "1"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["meta_steps_skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["eta"].values())
+
+
+def test_a_diverged_policy_round_is_a_divergence_error_not_bad_input(tmp_path, monkeypatch, capsys):
+    """theta turning NaN in training is reported as divergence (where, what to do), one line
+    and exit 2 from the CLI -- not as "expected finite input"."""
+    from metagrad_rl import cli
+    from metagrad_rl.errors import DivergenceError
+    from metagrad_rl.trainers import bilevel
+
+    real = bilevel.policy_round
+
+    def diverging(cfg, parts, state, data, adv_mix):
+        out = real(cfg, parts, state, data, adv_mix)
+        if state.iteration == 1:
+            state.theta = {
+                **state.theta,
+                "log_std": torch.full_like(state.theta["log_std"], torch.nan),
+            }
+        return out
+
+    monkeypatch.setattr(bilevel, "policy_round", diverging)
+    with pytest.raises(DivergenceError, match=r"diverged at iteration 2 \(step 256\).*log_std"):
+        train(_config("cln"), tmp_path / "a")
+    argv = [
+        "train",
+        "--algo",
+        "cln",
+        "--env",
+        "InvertedPendulum-v5",
+        "--num-steps",
+        "128",
+        "--total-steps",
+        "384",
+        "--out",
+        str(tmp_path / "b"),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("metagrad-rl: error: training diverged at iteration 2")

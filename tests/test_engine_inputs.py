@@ -11,7 +11,7 @@ import torch
 import torchopt
 from meta_helpers import make_setup
 
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.metagrad import TERMS, flatten, meta_gradient
 from metagrad_rl.unroll import MetaProblem, Round
 
@@ -45,7 +45,7 @@ def test_nan_in_eta_is_named_as_the_input():
 def test_a_diverging_sgd_step_is_named_by_round_and_step():
     problem, theta, eta, rounds, outer = make_setup(n_rounds=2, steps=3)
     with pytest.raises(
-        ConfigError,
+        DivergenceError,
         match=r"non-finite at round \d, inner step \d: the optimizer's updates diverged",
     ) as e:
         meta_gradient(problem, torchopt.sgd(1e300), theta, eta, rounds, outer)

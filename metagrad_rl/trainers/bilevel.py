@@ -39,6 +39,7 @@ Every estimator is one registry entry; adding one does not touch this file.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from metagrad_rl import config as C
 from metagrad_rl.advantages import gae, normalize
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.flat import FlatLayout
 from metagrad_rl.metagrad import (
     PendingMetaGradient,
@@ -289,6 +290,8 @@ class BilevelState:
     history: list[RoundRecord] = field(default_factory=list)
     baseline: float | None = None
     recent: list[float] = field(default_factory=list)
+    #: Validation rounds whose meta-gradient had a NaN/inf entry (eta was not stepped).
+    meta_steps_skipped: int = 0
 
     def to_checkpoint(self, parts: Parts, cfg: BilevelConfig) -> dict[str, Any]:
         return {
@@ -308,6 +311,7 @@ class BilevelState:
             "pending": None if self.pending is None else self.pending.to_checkpoint(),
             "history": [r.to_checkpoint() for r in self.history],
             "baseline": self.baseline,
+            "meta_steps_skipped": self.meta_steps_skipped,
             "policy": policy_snapshot(
                 cfg.env,
                 parts.policy,
@@ -336,6 +340,7 @@ class BilevelState:
         ]
         self.history = [r for r in history if r is not None]
         self.baseline = ckpt.get("baseline")
+        self.meta_steps_skipped = int(ckpt.get("meta_steps_skipped", 0))
         self.recent = list(ckpt["recent_returns"])
         parts.par.resumed_normalisers(parts.collector)
 
@@ -510,10 +515,22 @@ def validation_round(
     if rec is None:
         return None
     step = meta_step(cfg, parts, state, rec, data)
-    updates, state.eta_state = parts.eta_tx.update(
-        step.grad, state.eta_state, params=state.eta, inplace=False
-    )
-    state.eta = detach_state(torchopt.apply_updates(state.eta, updates, inplace=False))
+    if not all_finite(step.grad):
+        # one NaN/inf entry would turn eta (through Adam's moments: for good) into NaN; the step
+        # is skipped, counted in the log and the summary, and the run goes on
+        state.meta_steps_skipped += 1
+        step.diagnostics["meta_steps_skipped"] = state.meta_steps_skipped
+        print(
+            f"warning: iteration {state.iteration + 1}: the meta-gradient is not finite; eta's "
+            f"step is skipped ({state.meta_steps_skipped} so far)",
+            file=sys.stderr,
+        )
+    elif cfg.eta_lr > 0:  # eta_lr = 0: eta stays exactly at its initialisation
+        updates, state.eta_state = parts.eta_tx.update(
+            step.grad, state.eta_state, params=state.eta, inplace=False
+        )
+        state.eta = detach_state(torchopt.apply_updates(state.eta, updates, inplace=False))
+    step.diagnostics.setdefault("meta_steps_skipped", state.meta_steps_skipped)
     state.pending = None  # frees the unroll's graph
     if parts.meta_grad.rounds > 1:  # the rounds the next meta-steps re-simulate
         state.history = [*state.history, rec][-(parts.meta_grad.rounds - 1) :]
@@ -521,6 +538,11 @@ def validation_round(
         d, b = cfg.baseline_decay, state.baseline
         state.baseline = rec.j_hat if b is None else d * b + (1 - d) * rec.j_hat
     return step
+
+
+def all_finite(params: Params) -> bool:
+    """Whether every entry of every tensor in ``params`` is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(v).all() for v in params.values()]).all())
 
 
 def meta_step(
@@ -879,7 +901,7 @@ def intrinsic_stats(r_in: Tensor, episode_end: Tensor) -> dict[str, Any]:
 def meta_columns(mg: meta_grads.MetaGrad, step: MetaStep | None) -> dict[str, Any]:
     """The estimator's log columns (empty in the first iteration, before any meta-step)."""
     diag = {} if step is None else step.diagnostics
-    keys = ("norm_applied", *mg.log_keys)
+    keys = ("norm_applied", *mg.log_keys, "meta_steps_skipped")
     return {k: diag.get(k, "") for k in dict.fromkeys(keys)}
 
 
@@ -913,6 +935,7 @@ def train(
         adv_mix = mixed_advantages(cfg, data.batch, r_in)
         # Eq 23: theta_k -> theta_{k+1}; then V_mix, V_ex regress on tau_k
         round_stats = policy_round(cfg, parts, s, data, adv_mix)
+        check_diverged(s, data)
         row = {
             **episode_row(s.iteration + 1, data.rollout.episodes),
             **policy_stats(cfg, parts, s, data.batch, adv_mix),
@@ -927,6 +950,19 @@ def train(
     tensors = [*s.theta.values(), *s.eta.values(), s.critics.flat]
     parts.par.check_same(tensors, "theta, eta and the critics")
     run.checkpoint(s.to_checkpoint(parts, cfg))
-    return run.finish(
-        parts.collector, {"meta_grad": cfg.meta_grad}, s.global_step, s.iteration, s.recent
-    )
+    extra = {"meta_grad": cfg.meta_grad, "meta_steps_skipped": s.meta_steps_skipped}
+    return run.finish(parts.collector, extra, s.global_step, s.iteration, s.recent)
+
+
+def check_diverged(state: BilevelState, data: Collected) -> None:
+    """Raise :class:`DivergenceError` when the policy round left ``theta`` non-finite."""
+    bad = [k for k, v in state.theta.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        eps = data.rollout.episodes.returns
+        ret = f"{np.mean(eps):.1f}" if eps else "none finished"
+        raise DivergenceError(
+            f"training diverged at iteration {state.iteration + 1} (step {state.global_step}): "
+            f"the policy round left theta{bad} non-finite (the batch's mean return was {ret}); "
+            "--resume restarts from the last checkpoint, a lower --lr or --max-grad-norm "
+            "may avoid it"
+        )
