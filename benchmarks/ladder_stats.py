@@ -49,14 +49,26 @@ RUNGS: dict[str, tuple[str, ...]] = {
     "Walker2d-v5": ("ppo", "cln-frozen", "cln-eq17"),
     "HalfCheetah-v5": ("ppo", "cln-frozen", "cln-eq17"),
 }
+#: Issue 15's follow-up: the intrinsic reward's weight (0.1 is the default, the cln-eq17 rung;
+#: 0 is cln-rin0), CLN eq17 on seeds 1-3; each compared with PPO and the larger weight before it.
+SWEEP = ("ppo", "cln-eq17", "cln-eq17-rin0.03", "cln-eq17-rin0.01", "cln-rin0")
+SWEEP_SEEDS = (1, 2, 3)
+#: The reports: (title, env, rungs, seeds or None for all).
+GROUPS: tuple[tuple[str, str, tuple[str, ...], tuple[int, ...] | None], ...] = (
+    *((env, env, rungs, None) for env, rungs in RUNGS.items()),
+    ("Hopper-v5, r_in_coef sweep (seeds 1-3)", "Hopper-v5", SWEEP, SWEEP_SEEDS),
+)
 LABELS = {
     "ppo": "PPO",
     "cln-rin0": "CLN, r_in off",
     "cln-frozen": "CLN, fixed random r_in",
     "cln-eq17": "CLN, learned r_in (eq17)",
     "lirpg": "LIRPG",
+    "cln-eq17-rin0.03": "CLN eq17, r_in_coef 0.03",
+    "cln-eq17-rin0.01": "CLN eq17, r_in_coef 0.01",
 }
 COLOURS = {"ppo": "C0", "cln-rin0": "C2", "cln-frozen": "C4", "cln-eq17": "C3", "lirpg": "C1"}
+COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6"})
 METRICS = {
     "train20": "mean of the last 20 training episodes",
     "eval10": "deterministic, 10 episodes",
@@ -165,7 +177,10 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
     runs = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         m = _NAME.match(d.name)
-        if m is None or m["env"] not in RUNGS or m["rung"] not in RUNGS[m["env"]]:
+        known = {
+            g for _, env, rungs, _ in GROUPS if m is not None and env == m["env"] for g in rungs
+        }
+        if m is None or m["rung"] not in known:
             continue
         summary = d / "summary.json"
         info: dict[str, Any] = {
@@ -247,10 +262,14 @@ def binned_curve(d: Path, edges: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ report
 def analyse(runs: Sequence[dict[str, Any]], reps: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
-    for env, rungs in RUNGS.items():
-        done = [r for r in runs if r["env"] == env and r["finished"]]
-        if not done:
-            continue
+    for title, env, rungs, seeds in GROUPS:
+        done = [
+            r
+            for r in runs
+            if r["env"] == env and r["finished"] and (seeds is None or r["seed"] in seeds)
+        ]
+        if not any(r["rung"] not in ("ppo", "cln-eq17", "cln-rin0") for r in done) and seeds:
+            continue  # a sweep with none of its own runs yet
         task: dict[str, Any] = {"metrics": {}, "comparisons": {}}
         for metric in METRICS:
             scores = {
@@ -268,7 +287,8 @@ def analyse(runs: Sequence[dict[str, Any]], reps: int) -> dict[str, Any]:
                     if base in scores and len(scores[g]) > 1 and len(scores[base]) > 1:
                         comps[f"{g} > {base}"] = improvement(scores[g], scores[base], reps)
             task["comparisons"][metric] = comps
-        report[env] = task
+        if done:
+            report[title] = task
     return report
 
 
@@ -361,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     write_rows(data, "ladder_runs", [{k: r.get(k, "") for k in keys} for r in runs])
     flat = [
-        {"env": env, "metric": m, "rung": g, **{k: v for k, v in a.items()}}
-        for env, t in report.items()
+        {"group": title, "metric": m, "rung": g, **{k: v for k, v in a.items()}}
+        for title, t in report.items()
         for m, aggs in t["metrics"].items()
         for g, a in aggs.items()
     ]
@@ -371,10 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     edges = np.append(np.arange(0, end, args.bin, dtype=np.float64), float(end))
     bands: dict[str, Any] = {}
     curve_rows = []
-    for env, rungs in RUNGS.items():
+    for title, env, rungs, seeds in GROUPS:
+        if title not in report:
+            continue
         per = {}
         for g in rungs:
-            done = [r for r in runs if r["env"] == env and r["rung"] == g and r["finished"]]
+            done = [
+                r
+                for r in runs
+                if r["env"] == env and r["rung"] == g and r["finished"]
+                and (seeds is None or r["seed"] in seeds)
+            ]  # fmt: skip
             if len(done) < 2:
                 continue
             c = np.stack([binned_curve(r["dir"], edges) for r in done])
@@ -382,12 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             point, ci = curve_bands({g: c}, reps=min(args.reps, 2_000))[g]
             per[g] = (point, ci, len(done))
             curve_rows += [
-                {"env": env, "rung": g, "step": int(edges[i + 1]), "iqm": point[i],
+                {"group": title, "rung": g, "step": int(edges[i + 1]), "iqm": point[i],
                  "ci_low": ci[0, i], "ci_high": ci[1, i], "n": len(done)}
                 for i in range(len(point))
             ]  # fmt: skip
         if per:
-            bands[env] = per
+            bands[title] = per
     write_rows(data, "ladder_curves", curve_rows)
     img.mkdir(parents=True, exist_ok=True)
     plot_final(report, img / "ladder_final.png")
