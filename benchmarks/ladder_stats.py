@@ -192,10 +192,15 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
         info["finished"] = summary.is_file()
         info.update(_progress_facts(d))
         info["stopped_on_nan_before_fix"] = (root / f"{d.name}.diverged.log").is_file()
+        info.update(_reward_mix(d))
         if info["finished"]:
             s = json.loads(summary.read_text())
             info["train20"] = float(s["mean_return_last_20_episodes"])
             info["wall_time_s"] = float(s.get("wall_time_s", math.nan))
+            # the log's column misses it in runs resumed from before it existed
+            info["meta_steps_skipped"] = int(
+                s.get("meta_steps_skipped", info["meta_steps_skipped"])
+            )
         runs.append(info)
     return runs
 
@@ -221,6 +226,38 @@ def _progress_facts(d: Path) -> dict[str, Any]:
         "final_entropy": float(last["entropy"]) if last.get("entropy") else math.nan,
         "meta_steps_skipped": max(skipped) if skipped else 0,
         "max_meta_grad_norm": float(np.nanmax(norms)) if norms else math.nan,
+    }
+
+
+def _reward_mix(d: Path) -> dict[str, Any]:
+    """How large the intrinsic reward is next to the extrinsic one *as the policy sees them*:
+    ``r_ex`` is divided by the reward scaler's return std, ``r_in`` (tanh-bounded) is not.
+
+    ``ex_per_step``: the scaled extrinsic reward per step (raw return / episode length over
+    the last 20 iterations, times the final scale); ``in_std_per_step``: ``r_in_coef`` times
+    the batch std of ``r_in`` over the same iterations (0 for PPO and ``r_in_coef = 0``).
+    """
+    import csv
+
+    import torch
+
+    cfg = json.loads((d / "config.json").read_text())["config"]
+    ckpt = d / "checkpoint.pt"
+    if not ckpt.is_file() or not cfg.get("normalize_reward", True):
+        return {}
+    rs = torch.load(ckpt, map_location="cpu", weights_only=False)["collector"]["rew_scaler"]
+    scale = 1.0 / math.sqrt(float(rs["rms"]["var"]) + 1e-8)
+    with open(d / "progress.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("episodic_length")][-20:]
+    if not rows:
+        return {"reward_scale": scale}
+    raw = np.mean([float(r["episodic_return"]) / float(r["episodic_length"]) for r in rows])
+    coef = float(cfg.get("r_in_coef", 0.0)) if "r_in_coef" in cfg else 0.0
+    stds = [float(r["intrinsic_reward_std"]) for r in rows if r.get("intrinsic_reward_std")]
+    return {
+        "reward_scale": scale,
+        "ex_per_step": float(raw * scale),
+        "in_std_per_step": coef * float(np.mean(stds)) if stds else 0.0,
     }
 
 
@@ -377,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = (
         "env", "rung", "seed", "finished", "last_step", "train20", "eval10", "eval10_std",
         "final_episode_length", "final_entropy", "stopped_on_nan_before_fix",
-        "meta_steps_skipped", "max_meta_grad_norm", "wall_time_s",
+        "meta_steps_skipped", "max_meta_grad_norm", "reward_scale", "ex_per_step",
+        "in_std_per_step", "wall_time_s",
     )  # fmt: skip
     write_rows(data, "ladder_runs", [{k: r.get(k, "") for k in keys} for r in runs])
     flat = [
