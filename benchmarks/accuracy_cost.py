@@ -44,9 +44,11 @@ from termbench.plots import pyplot, save_png
 from torch import Tensor
 
 from metagrad_rl.envs import make_env
-from metagrad_rl.metagrad import TERMS, eq17_gradient, flatten, meta_gradient
+from metagrad_rl.metagrad import eq17_gradient, meta_gradient
 from metagrad_rl.networks import GaussianPolicy, IntrinsicReward
 from metagrad_rl.optim import clip_grad_norm, closure_vars
+from metagrad_rl.pytree import TERMS, flatten
+from metagrad_rl.pytree import cosine as cos
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer
 from metagrad_rl.trainers.common import optimizer_state_from_list
@@ -92,11 +94,6 @@ def problem_for(cfg: CLNConfig) -> Any:
 
 
 # ============================================================================ one checkpoint
-def cos(a: Tensor, b: Tensor) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float("nan") if na == 0.0 or nb == 0.0 else float(a @ b) / (na * nb)
-
-
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()

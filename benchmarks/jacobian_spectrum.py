@@ -74,8 +74,8 @@ from metagrad_rl.jacobian import (  # noqa: E402
     round_map,
     spectral_norm,
 )
-from metagrad_rl.logging import clear_run_dir  # noqa: E402
 from metagrad_rl.optim import clip_counts, clip_grad_norm  # noqa: E402
+from metagrad_rl.rundir import clear_run_dir  # noqa: E402
 from metagrad_rl.trainers import bilevel  # noqa: E402
 from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer  # noqa: E402
 from metagrad_rl.trainers.common import (  # noqa: E402

@@ -7,10 +7,8 @@ trainers -> CLI. ``docs/equations.md`` maps every equation of the paper to its f
 
 from metagrad_rl.distributed import all_reduce_sum, average_across_workers
 from metagrad_rl.errors import ConfigError, DivergenceError
-from metagrad_rl.estimators import magic_box, score_function_term
 from metagrad_rl.explicit import (
     explicit_sgd_terms,
-    hessian_vector_product,
     mixed_second_order_product,
 )
 from metagrad_rl.jacobian import SpectralNorm, round_spectral_norm, spectral_norm
@@ -33,6 +31,7 @@ from metagrad_rl.networks import (
 )
 from metagrad_rl.optim import clip_grad_norm, graph_cuts
 from metagrad_rl.problems import ppo_meta_problem
+from metagrad_rl.score_function import magic_box, score_function_term
 from metagrad_rl.unroll import (
     EtaPaths,
     InnerSurrogate,
@@ -70,7 +69,6 @@ __all__ = [
     "eq17_gradient",
     "explicit_sgd_terms",
     "graph_cuts",
-    "hessian_vector_product",
     "intrinsic_reward",
     "magic_box",
     "meta_gradient",

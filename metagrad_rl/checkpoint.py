@@ -1,4 +1,5 @@
-"""Atomic files: checkpoints, JSON results and whole-row CSV appends.
+"""Atomic files: checkpoints and JSON results (``progress.csv``'s whole-row appends:
+:class:`metagrad_rl.rundir.CsvLog`).
 
 A file is either absent, its old version, or complete: writers go to a temporary file in the
 same directory, ``fsync`` it and ``os.replace`` it over the target. Checkpoints hold tensors,
@@ -9,12 +10,10 @@ they load with ``torch.load(weights_only=True)``, which never runs pickled code.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,58 +90,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{CHECKPOINT_FORMAT}"
         )
     return obj
-
-
-class CsvLog:
-    """An append-only CSV whose rows are written whole (one ``write`` + ``fsync`` per row).
-
-    The header is fixed by the first row. Opening an existing log for a resumed run first
-    drops rows past ``keep_until_step`` (written after the checkpoint being resumed), atomically.
-    """
-
-    def __init__(
-        self, path: str | Path, step_key: str = "global_step", keep_until_step: int | None = None
-    ) -> None:
-        self.path = Path(path)
-        self.step_key = step_key
-        self.fields: list[str] | None = None
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-                fields = list(rows[0].keys()) if rows else None
-            if fields and keep_until_step is not None:
-                kept = [r for r in rows if int(float(r[step_key])) <= keep_until_step]
-                atomic_write_bytes(self.path, _csv_text(fields, kept, header=True).encode())
-            self.fields = fields
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        header = self.fields is None
-        if self.fields is None:
-            self.fields = list(row.keys())
-        text = _csv_text(self.fields, [row], header=header)
-        with open(self.path, "a", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _csv_text(fields: Sequence[str], rows: Sequence[Mapping[str, Any]], header: bool) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-    if header:
-        w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(v) for k, v in r.items()})
-    return buf.getvalue()
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def read_csv(path: str | Path) -> list[dict[str, str]]:
-    """All rows of a CSV log as dicts of strings."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

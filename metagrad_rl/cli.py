@@ -197,7 +197,7 @@ def _peek_algo(argv: Sequence[str]) -> str:
             return algo
     out = _peek(argv, "--out")
     if "--resume" in argv and out:
-        from metagrad_rl.logging import CONFIG_FILE
+        from metagrad_rl.rundir import CONFIG_FILE
 
         try:
             saved = json.loads((Path(out) / CONFIG_FILE).read_text())
@@ -212,7 +212,7 @@ def make_train_config(args: argparse.Namespace) -> Any:
     """The config from explicit flags, on top of the resumed run's config with ``--resume``."""
     from metagrad_rl.checkpoint import load_checkpoint
     from metagrad_rl.config import from_dict, read_config_file
-    from metagrad_rl.logging import resume_checkpoint
+    from metagrad_rl.rundir import resume_checkpoint
     from metagrad_rl.trainers import ALGOS
 
     cls = ALGOS[args.algo].config_cls
@@ -280,7 +280,7 @@ def _resumed_workers(args: argparse.Namespace) -> int:
     """How many workers wrote the checkpoint ``--resume`` continues (1 when there is none
     yet: the resume then fails with its own one-line error)."""
     from metagrad_rl.checkpoint import load_checkpoint
-    from metagrad_rl.logging import resume_checkpoint
+    from metagrad_rl.rundir import resume_checkpoint
     from metagrad_rl.trainers.parallel import NUM_WORKERS_KEY
 
     try:
@@ -338,7 +338,7 @@ def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
     if args.overwrite and is_main:
         if args.resume:
             raise ConfigError("--overwrite and --resume exclude each other: expected one of them")
-        from metagrad_rl.logging import clear_run_dir
+        from metagrad_rl.rundir import clear_run_dir
 
         clear_run_dir(args.out)
     report = _ProgressReport(

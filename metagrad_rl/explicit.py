@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.unroll import Batch, InnerSurrogate, MetaProblem, Params, Round
+from metagrad_rl.pytree import BatchDict, Params
+from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round
 
 Tree = Any
 
@@ -94,12 +95,7 @@ def mixed_second_order_product(
     return {k: torch.zeros_like(et[k]) if o is None else o for k, o in zip(et, out)}
 
 
-def hessian_vector_product(f: Callable[[Tree], Tensor], theta: Tree, v: Tree) -> Tree:
-    """``H v`` with ``H = d^2 f / dtheta^2`` by ``jvp(grad f)``."""
-    return jvp(grad(f), (theta,), (v,))[1]
-
-
-def _inner_fn(problem: MetaProblem, batch: Batch, idx: Tensor) -> Callable[..., Tensor]:
+def _inner_fn(problem: MetaProblem, batch: BatchDict, idx: Tensor) -> Callable[..., Tensor]:
     """``L_in(theta, theta_old, eta_pol, eta_old, eta_rew)`` on one minibatch."""
 
     def f(
@@ -120,7 +116,7 @@ def explicit_sgd_terms(
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
-    outer_batch: Batch,
+    outer_batch: BatchDict,
     surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
 ) -> dict[str, Params]:

@@ -45,9 +45,8 @@ from torchopt.typing import ScalarOrSchedule, Schedule
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.pytree import Params
 from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round, inner_step, prepare_round
-
-Params = dict[str, Tensor]
 
 
 def round_map(

@@ -108,14 +108,15 @@ def probe_bytes(
     bytes of one checkpoint (parameters and optimizer state)
     and of one round's stored prepared data and round start."""
     from metagrad_rl.flat import FLAT_KEY, FlatLayout
-    from metagrad_rl.unroll import _take, check_prepared, inner_step, prepare_round
+    from metagrad_rl.pytree import take
+    from metagrad_rl.unroll import check_prepared, inner_step, prepare_round
 
     theta_k = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     eta_ = {k: v.detach().requires_grad_(True) for k, v in eta.items()}
     with GraphMemoryMeter() as m_prep:
         data = prepare_round(problem, rnd.batch, theta_k, eta_, eta_, surrogate)
     check_prepared(data, 0, rnd)
-    mb = _take(data, rnd.minibatches[0])
+    mb = take(data, rnd.minibatches[0])
     layout = FlatLayout(theta_k)
     x = {FLAT_KEY: layout.flatten(theta_k).detach().requires_grad_(True)}
     state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)

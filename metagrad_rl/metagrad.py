@@ -34,17 +34,16 @@ import torch
 import torchopt
 from torch import Tensor
 
-from metagrad_rl import estimators
+from metagrad_rl import score_function
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
 from metagrad_rl.optim import check_differentiable, sqrt_without_eps_root
+from metagrad_rl.pytree import TERMS, BatchDict, Params, add, cosine, detach_state, flatten
 from metagrad_rl.recompute import Checkpointed, check_checkpoint_every, forward_sweep
 from metagrad_rl.unroll import (
-    Batch,
     EtaPaths,
     InnerSurrogate,
     MetaProblem,
-    Params,
     Round,
     check_batch,
     check_optimizer,
@@ -54,7 +53,6 @@ from metagrad_rl.unroll import (
     unroll,
 )
 
-TERMS = ("eq11", "eq12", "eq13", "eq14")
 DENOMINATORS = ("theta_k", "theta_k+1")
 
 
@@ -99,17 +97,7 @@ class MetaGradResult(NamedTuple):
                 f"terms {missing} were not computed: pass terms=True (Eq 11-14) or a "
                 "score_weight (score) when computing the meta-gradient"
             )
-        return _add(*parts)
-
-
-def detach_state(state: Any) -> Any:
-    """A copy of an optimizer state (any pytree) with every tensor detached."""
-    return torchopt.pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, state)
-
-
-def flatten(grads: Mapping[str, Tensor]) -> Tensor:
-    """Concatenate a gradient dict into one vector (in the dict's key order)."""
-    return torch.cat([g.reshape(-1) for g in grads.values()])
+        return add(*parts)
 
 
 def _grads(loss: Tensor, params: Params, retain_graph: bool = False) -> Params:
@@ -138,15 +126,6 @@ def _grads_many(loss: Tensor, groups: Sequence[Params], retain_graph: bool = Fal
     return out
 
 
-def _add(*dicts: Params) -> Params:
-    return {k: sum(d[k] for d in dicts) for k in dicts[0]}  # type: ignore[misc]
-
-
-def _cos(a: Tensor, b: Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    return float("nan") if na == 0 or nb == 0 else float(a @ b / (na * nb))
-
-
 def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, float]:
     """Norm of each gradient, its share of the total's norm and its cosine with the total."""
     t = flatten(total)
@@ -154,11 +133,11 @@ def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, floa
     for name, g in terms.items():
         v = flatten(g)
         out[f"norm_{name}"] = float(v.norm())
-        out[f"cos_{name}_total"] = _cos(v, t)
+        out[f"cos_{name}_total"] = cosine(v, t)
     return out
 
 
-def check_outer_batch(outer_batch: Batch | None) -> Batch:
+def check_outer_batch(outer_batch: BatchDict | None) -> BatchDict:
     """The outer batch, or ``{}`` when none is given (an ``outer_loss`` that reads no data)."""
     if outer_batch is None or (isinstance(outer_batch, Mapping) and len(outer_batch) == 0):
         return {}
@@ -182,7 +161,7 @@ def eq17_gradient(
     problem: MetaProblem,
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
-    outer_batch: Batch | None = None,
+    outer_batch: BatchDict | None = None,
     theta_den: Mapping[str, Tensor] | None = None,
     eta_den: Mapping[str, Tensor] | None = None,
 ) -> Params:
@@ -243,7 +222,7 @@ class PendingMetaGradient:
 
     def finish(
         self,
-        outer_batch: Batch | None = None,
+        outer_batch: BatchDict | None = None,
         *,
         denominator: str = "theta_k",
         score_weight: float | None = None,
@@ -254,7 +233,7 @@ class PendingMetaGradient:
         ``denominator``: ``"theta_k"`` (the paper's Eq 24) or ``"theta_k+1"``. With
         ``score_weight = w`` the result also holds ``score = grad_eta [w sum_k log p(tau_k;
         theta_k(eta), eta)]``, the sampling-aware correction (``w = stopgrad(J_hat - b)``; see
-        ``docs/estimators.md``); it needs ``problem.log_likelihood``. With ``magic_box`` the
+        ``docs/score_function.md``); it needs ``problem.log_likelihood``. With ``magic_box`` the
         term is taken through DiCE's ``w * magic_box(log p)`` instead (same first derivative).
         """
         if self._res is None:
@@ -291,7 +270,7 @@ class PendingMetaGradient:
 
     def _reverse(
         self,
-        outer_batch: Batch,
+        outer_batch: BatchDict,
         theta_den: Params,
         score_weight: float | None,
         magic_box: bool,
@@ -306,16 +285,16 @@ class PendingMetaGradient:
         score = None
         if loglik is not None and score_weight is not None:
             groups = list(paths) if self.terms else [paths.outer]
-            objective = score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
-            score = _add(*_grads_many(objective, groups, retain_graph=True))
+            objective = score_weight * (score_function.magic_box(loglik) if magic_box else loglik)
+            score = add(*_grads_many(objective, groups, retain_graph=True))
         if self.terms:
             split = dict(zip(TERMS, _grads_many(loss, list(paths))))
-            return loss, split, _add(*split.values()), score
+            return loss, split, add(*split.values()), score
         return loss, {}, _grads(loss, paths.outer), score
 
     def _reverse_checkpointed(
         self,
-        outer_batch: Batch,
+        outer_batch: BatchDict,
         theta_den: Params,
         score_weight: float | None,
         magic_box: bool,
@@ -333,7 +312,7 @@ class PendingMetaGradient:
             if score_weight is None:
                 return None
             loglik = self._log_likelihood(starts)
-            return score_weight * (estimators.magic_box(loglik) if magic_box else loglik)
+            return score_weight * (score_function.magic_box(loglik) if magic_box else loglik)
 
         self._res = None
         loss, by_path, score_by_path = res.reverse(outer, score, measure=self._meter.enabled)
@@ -341,8 +320,8 @@ class PendingMetaGradient:
             peak = max(res.segment_graph_bytes, default=0)
             self._meter.peak_bytes = peak + res.checkpoint_bytes
         split = dict(zip(TERMS, by_path)) if self.terms else {}
-        total = _add(*by_path)
-        g_score = None if score_by_path is None else _add(*score_by_path)
+        total = add(*by_path)
+        g_score = None if score_by_path is None else add(*score_by_path)
         return loss, split, total, g_score
 
     def _diagnostics(
@@ -357,7 +336,7 @@ class PendingMetaGradient:
         diag["graph_bytes"] = float(self._meter.peak_bytes) if self._meter.enabled else math.nan
         if score is not None:
             diag["norm_score"] = float(flatten(score).norm())
-            diag["cos_score_total"] = _cos(flatten(score), flatten(total))
+            diag["cos_score_total"] = cosine(flatten(score), flatten(total))
         return diag
 
     def _check_backward(self, total: Params, score: Params | None) -> None:
@@ -517,7 +496,7 @@ def meta_gradient(
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
-    outer_batch: Batch | None = None,
+    outer_batch: BatchDict | None = None,
     *,
     opt_state: Any = None,
     surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,

@@ -33,8 +33,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from metagrad_rl.errors import ConfigError
-
-Params = dict[str, Tensor]
+from metagrad_rl.pytree import Params
 
 #: Keys of ``eta`` that condition the policy (the reward net's last two layers, Fig. 2-3).
 CONDITION_KEYS = ("bottleneck.weight", "bottleneck.bias", "head.weight", "head.bias")

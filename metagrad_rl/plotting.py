@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from metagrad_rl.checkpoint import atomic_write_bytes, read_csv
+from metagrad_rl.checkpoint import atomic_write_bytes
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.logging import PROGRESS_FILE, check_writable_dir, read_run_config
+from metagrad_rl.rundir import PROGRESS_FILE, check_writable_dir, read_csv, read_run_config
 
 
 def load_curve(

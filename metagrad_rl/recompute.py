@@ -35,17 +35,15 @@ from torch import Tensor
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.memory import GraphMemoryMeter, tree_bytes
+from metagrad_rl.pytree import Params, detach, take
 from metagrad_rl.unroll import (
     EtaPaths,
     InnerSurrogate,
     MetaProblem,
-    Params,
     Round,
     StepTrace,
     _detach_leaf,
-    _detached,
     _flat_view,
-    _take,
     check_prepared,
     inner_step,
     prepare_round,
@@ -168,7 +166,7 @@ class Checkpointed:
         with meter:
             x = x0
             for j in range(seg.j0, seg.j0 + seg.n):
-                mb = _take(d0, rnd.minibatches[j])
+                mb = take(d0, rnd.minibatches[j])
                 x, state = inner_step(self.problem, self.tx, x, state, mb, eta_pol, True, view)
         if measure:
             self.segment_graph_bytes.append(meter.peak_bytes)
@@ -203,7 +201,7 @@ class Checkpointed:
         pol, rew = self.round_paths(r)
         eta_pol, eta_rew = self.paths[pol], self.paths[rew]
         in_window = self.start_in_window[r]
-        xk = _leaves(self.starts_x[r]) if in_window else _detached(self.starts_x[r])
+        xk = _leaves(self.starts_x[r]) if in_window else detach(self.starts_x[r])
         theta_k = self.view(xk)
         data = prepare_round(
             self.problem, self.rounds[r].batch, theta_k, eta_pol, eta_rew, self.surrogate
@@ -385,7 +383,7 @@ def _start(
 ) -> tuple[Params, Any]:
     """What the optimizer updates (``theta``, or its flat vector) and its state, detached."""
     if layout is None:
-        x: Params = _detached(theta)
+        x: Params = detach(theta)
         state = tx.init(x) if opt_state is None else opt_state
     else:
         x = {FLAT_KEY: layout.flatten(theta).detach()}
@@ -434,22 +432,22 @@ class _Sweep:
         # constant, and a round that ends before it has no graph at all
         xk = _leaves(x) if self.s >= self.cut else x
         if self.s + len(rnd.minibatches) <= self.cut:
-            eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
+            eta_pol, eta_rew = detach(eta_pol), detach(eta_rew)
         theta_k = xk if self.view is None else self.view(xk)
         data = prepare_round(self.problem, rnd.batch, theta_k, eta_pol, eta_rew, self.surrogate)
         check_prepared(data, r, rnd)
         data = {k: v.detach() for k, v in data.items()}
         self.data.append(data)
-        eta_values = _detached(eta_pol)
+        eta_values = detach(eta_pol)
         first = len(self.segments)
         for j, idx in enumerate(rnd.minibatches):
             if self.s >= self.cut and (len(self.segments) == first or self._boundary()):
                 self.segments.append(Segment(r, j, 0, x, state))
             x1, state = inner_step(
-                self.problem, self.tx, _leaves(x), state, _take(data, idx), eta_values, False,
+                self.problem, self.tx, _leaves(x), state, take(data, idx), eta_values, False,
                 self.view, self.trace, (r, j),
             )  # fmt: skip
-            x, state = _detached(x1), _detach_tree(state)
+            x, state = detach(x1), _detach_tree(state)
             self.s += 1
         ends = [seg.j0 for seg in self.segments[first + 1 :]] + [len(rnd.minibatches)]
         for seg, end in zip(self.segments[first:], ends):

@@ -32,9 +32,7 @@ from torch import Tensor
 
 from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
-
-Params = dict[str, Tensor]
-Batch = Mapping[str, Tensor]
+from metagrad_rl.pytree import BatchDict, Params, detach, take
 
 
 class InnerSurrogate(enum.StrEnum):
@@ -90,7 +88,7 @@ class MetaProblem:
 class Round(NamedTuple):
     """One policy round: its batch and the ordered minibatch index tensors of its steps."""
 
-    batch: Batch
+    batch: BatchDict
     minibatches: Sequence[Tensor]
 
 
@@ -215,15 +213,6 @@ class StepTrace:
         )
 
 
-def _detached(params: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in params.items()}
-
-
-def _take(data: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    """One minibatch of ``prepare``'s output: rows ``idx`` of each tensor (0-d ones as they are)."""
-    return {k: v if v.dim() == 0 else v[idx] for k, v in data.items()}
-
-
 def check_prepared(data: Any, r: int, rnd: Round) -> None:
     """``prepare``'s output: a dict of finite tensors whose leading dimension the indices fit.
 
@@ -289,7 +278,7 @@ def inner_step(
 
 def prepare_round(
     problem: MetaProblem,
-    batch: Batch,
+    batch: BatchDict,
     theta_k: Params,
     eta_policy: Params,
     eta_reward: Params,
@@ -302,7 +291,7 @@ def prepare_round(
     else the detached current values (equal at the anchor).
     """
     if InnerSurrogate(surrogate) is InnerSurrogate.DETACHED:
-        theta_old, eta_old = frozen or (_detached(theta_k), _detached(eta_policy))
+        theta_old, eta_old = frozen or (detach(theta_k), detach(eta_policy))
     else:
         theta_old, eta_old = theta_k, eta_policy
     return problem.prepare(
@@ -362,9 +351,9 @@ def unroll(
             x, state = _restart(x, state, anchor, layout)
         theta_k = x if view is None else view(x)
         if s < cut:  # this round starts before the window: its start is a constant
-            theta_k = anchor.round_starts[r] if anchor is not None else _detached(theta_k)
+            theta_k = anchor.round_starts[r] if anchor is not None else detach(theta_k)
             if s + len(rnd.minibatches) <= cut:  # and it ends there: no graph at all
-                eta_pol, eta_rew = _detached(eta_pol), _detached(eta_rew)
+                eta_pol, eta_rew = detach(eta_pol), detach(eta_rew)
         starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
@@ -376,7 +365,7 @@ def unroll(
             if j > 0 and s == cut:  # the window starts inside this round
                 x, state = _restart(x, state, anchor, layout)
             graph = create_graph and s >= cut
-            mb = _take(data, idx)
+            mb = take(data, idx)
             x, state = inner_step(problem, tx, x, state, mb, eta_pol, graph, view, trace, (r, j))
             s += 1
     saw_zero = trace.check()
@@ -428,7 +417,7 @@ def outer_loss_at(
     problem: MetaProblem,
     theta_next: Params,
     eta_outer: Params,
-    outer_batch: Batch,
+    outer_batch: BatchDict,
     theta_den: Mapping[str, Tensor],
     eta_den: Mapping[str, Tensor],
 ) -> Tensor:
@@ -437,8 +426,8 @@ def outer_loss_at(
         theta_next,
         outer_batch,
         eta_policy=eta_outer,
-        theta_den=_detached(theta_den),
-        eta_den=_detached(eta_den),
+        theta_den=detach(theta_den),
+        eta_den=detach(eta_den),
     )
 
 
@@ -448,7 +437,7 @@ def meta_objective(
     theta: Mapping[str, Tensor],
     paths: EtaPaths,
     rounds: Sequence[Round],
-    outer_batch: Batch,
+    outer_batch: BatchDict,
     opt_state: Any = None,
     surrogate: InnerSurrogate = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
@@ -485,7 +474,7 @@ def anchor_at(
 ) -> Anchor:
     """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll, and
     for ``truncate=k`` the ``theta`` and optimizer state where the last ``k`` steps begin."""
-    eta_c = _detached(eta)
+    eta_c = detach(eta)
     shared = EtaPaths.shared(eta_c)
     res = unroll(problem, tx, theta, shared, rounds, opt_state, surrogate, create_graph=False)
     cut = None
@@ -493,9 +482,9 @@ def anchor_at(
     if truncate is not None and truncate < n_steps:
         head = prefix_rounds(rounds, n_steps - truncate)
         pre = unroll(problem, tx, theta, shared, head, opt_state, surrogate, create_graph=False)
-        cut = (_detached(pre.theta), torchopt.pytree.tree_map(_detach_leaf, pre.opt_state))
-    starts = [_detached(s) for s in res.round_starts]
-    return Anchor(eta_c, starts, _detached(res.theta), cut)
+        cut = (detach(pre.theta), torchopt.pytree.tree_map(_detach_leaf, pre.opt_state))
+    starts = [detach(s) for s in res.round_starts]
+    return Anchor(eta_c, starts, detach(res.theta), cut)
 
 
 def _detach_leaf(t: Any) -> Any:

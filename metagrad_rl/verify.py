@@ -33,11 +33,11 @@ from torch.autograd.gradcheck import GradcheckError
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FlatLayout
-from metagrad_rl.metagrad import TERMS, check_outer_batch, flatten, meta_gradient
+from metagrad_rl.metagrad import check_outer_batch, meta_gradient
 from metagrad_rl.optim import check_differentiable
+from metagrad_rl.pytree import TERMS, BatchDict, flatten
 from metagrad_rl.unroll import (
     Anchor,
-    Batch,
     EtaPaths,
     InnerSurrogate,
     MetaProblem,
@@ -61,7 +61,7 @@ def path_objective(
     theta: Mapping[str, Tensor],
     anchor: Anchor,
     rounds: Sequence[Round],
-    outer_batch: Batch,
+    outer_batch: BatchDict,
     **kwargs: Any,
 ) -> Callable[[EtaPaths], Tensor]:
     """``paths -> L_out`` through the unroll with the stop-gradient denominators at ``anchor``."""
@@ -211,7 +211,7 @@ def verify_meta_gradient(
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
-    outer_batch: Batch | None = None,
+    outer_batch: BatchDict | None = None,
     *,
     opt_state: Any = None,
     surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,

@@ -84,7 +84,8 @@ OPTIMIZERS = {
 
 def inner_gradient_norms(problem, tx, theta, eta, rounds):
     """Global norm of every inner gradient along a plain unroll with ``tx`` (no clipping)."""
-    from metagrad_rl.unroll import EtaPaths, _take, prepare_round
+    from metagrad_rl.pytree import take
+    from metagrad_rl.unroll import EtaPaths, prepare_round
 
     th = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
     state, norms = tx.init(th), []
@@ -92,7 +93,7 @@ def inner_gradient_norms(problem, tx, theta, eta, rounds):
         data = prepare_round(problem, rnd.batch, th, eta, eta, "paper")
         data = {k: v.detach() for k, v in data.items()}
         for idx in rnd.minibatches:
-            loss = problem.inner_loss(th, _take(data, idx), eta_policy=EtaPaths.shared(eta).policy)
+            loss = problem.inner_loss(th, take(data, idx), eta_policy=EtaPaths.shared(eta).policy)
             g = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
             norms.append(float(torch.cat([v.flatten() for v in g.values()]).norm()))
             upd, state = tx.update(g, state, params=th, inplace=False)

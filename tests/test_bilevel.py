@@ -13,9 +13,10 @@ from torch.func import functional_call
 
 from metagrad_rl.advantages import normalize
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.metagrad import eq17_gradient, flatten, meta_gradient
+from metagrad_rl.metagrad import eq17_gradient, meta_gradient
 from metagrad_rl.networks import GaussianPolicy, IntrinsicReward, cln_condition, gaussian_log_prob
 from metagrad_rl.ppo import clipped_surrogate_loss
+from metagrad_rl.pytree import flatten
 from metagrad_rl.rollout import Batch
 from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel import (

@@ -8,13 +8,9 @@ import os
 import pytest
 import torch
 
-from metagrad_rl.checkpoint import (
-    CsvLog,
-    atomic_write_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
+from metagrad_rl.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.rundir import CsvLog
 from metagrad_rl.trainers.ppo import PPOConfig, train
 
 

@@ -19,8 +19,9 @@ from test_exactness import _clipped_setup, _scaled
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.memory import MemoryBudgetError, estimate_unroll_bytes
-from metagrad_rl.metagrad import TERMS, flatten, meta_gradient, start_meta_gradient
+from metagrad_rl.metagrad import meta_gradient, start_meta_gradient
 from metagrad_rl.optim import clip_counts
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.unroll import InnerSurrogate
 from metagrad_rl.verify import verify_meta_gradient
 

@@ -43,7 +43,8 @@ def test_accuracy_terms_sum_to_the_exact_total(tmp_path):
 
 def test_terms_add_up_to_the_total_on_a_stored_round(tmp_path):
     """terms_at's split against an independent terms=False total on the same stored batches."""
-    from metagrad_rl.metagrad import flatten, meta_gradient
+    from metagrad_rl.metagrad import meta_gradient
+    from metagrad_rl.pytree import flatten
     from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer, train
     from metagrad_rl.trainers.common import optimizer_state_from_list
     from metagrad_rl.unroll import Round

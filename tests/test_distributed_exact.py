@@ -29,10 +29,11 @@ from dist_helpers import run_workers, workers
 from meta_helpers import make_nets, outer_batch, round_batch
 
 from metagrad_rl.distributed import all_reduce_sum, average_across_workers, average_gradients_
-from metagrad_rl.metagrad import TERMS, flatten, start_meta_gradient
+from metagrad_rl.metagrad import start_meta_gradient
 from metagrad_rl.networks import params_of
 from metagrad_rl.optim import clip_counts, clip_grad_norm
 from metagrad_rl.problems import ppo_meta_problem
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.unroll import Round, minibatch_indices
 
 N_WORKERS, T, EPOCHS, MINIBATCHES, B = 2, 10, 2, 2, 12

@@ -12,7 +12,8 @@ import torchopt
 from meta_helpers import make_setup
 
 from metagrad_rl.errors import ConfigError, DivergenceError
-from metagrad_rl.metagrad import TERMS, flatten, meta_gradient
+from metagrad_rl.metagrad import meta_gradient
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.unroll import MetaProblem, Round
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metagrad_rl.estimators import (
+from metagrad_rl.score_function import (
     dice_surrogate,
     leave_one_out_baseline,
     magic_box,

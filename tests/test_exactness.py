@@ -13,8 +13,9 @@ import torchopt
 from meta_helpers import inner_gradient_norms, make_setup
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.metagrad import TERMS, flatten, meta_gradient, start_meta_gradient
+from metagrad_rl.metagrad import meta_gradient, start_meta_gradient
 from metagrad_rl.optim import clip_counts, clip_grad_norm, graph_cuts
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.trainers.bilevel import CLNConfig, policy_optimizer
 from metagrad_rl.unroll import EtaPaths, MetaProblem, anchor_at, unroll
 from metagrad_rl.verify import (

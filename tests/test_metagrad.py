@@ -16,9 +16,10 @@ from torch.func import functional_call, grad, vmap
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.explicit import explicit_sgd_terms, mixed_second_order_product
 from metagrad_rl.memory import MemoryBudgetError, check_unroll_memory
-from metagrad_rl.metagrad import TERMS, eq17_gradient, flatten, meta_gradient
+from metagrad_rl.metagrad import eq17_gradient, meta_gradient
 from metagrad_rl.networks import cln_condition, gaussian_log_prob
 from metagrad_rl.optim import clip_grad_norm
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.unroll import (
     EtaPaths,
     InnerSurrogate,

@@ -27,7 +27,7 @@ from dist_helpers import _free_port, run_workers, workers
 from metagrad_rl.checkpoint import load_checkpoint
 from metagrad_rl.distributed import WorkerLostError
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.metagrad import flatten
+from metagrad_rl.pytree import flatten
 from metagrad_rl.trainers import bilevel, ppo
 
 N = 2

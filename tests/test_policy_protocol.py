@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from metagrad_rl.metagrad import flatten, meta_gradient
+from metagrad_rl.metagrad import meta_gradient
 from metagrad_rl.networks import POLICIES, IntrinsicReward, Policy
+from metagrad_rl.pytree import flatten
 from metagrad_rl.trainers import bilevel, ppo
 from metagrad_rl.trainers.common import optimizer_state_from_list
 from metagrad_rl.unroll import Round

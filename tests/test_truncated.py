@@ -8,8 +8,9 @@ import torchopt
 from meta_helpers import make_setup
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.metagrad import TERMS, flatten, meta_gradient
+from metagrad_rl.metagrad import meta_gradient
 from metagrad_rl.optim import clip_grad_norm
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.unroll import EtaPaths, prefix_rounds, unroll
 from metagrad_rl.verify import verify_meta_gradient
 

@@ -11,12 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metagrad_rl.logging import clear_run_dir
-from metagrad_rl.metagrad import (
-    eq17_gradient,
-    flatten,
-    meta_gradient,
-)
+from metagrad_rl.metagrad import eq17_gradient, meta_gradient
+from metagrad_rl.pytree import flatten
+from metagrad_rl.rundir import clear_run_dir
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,

@@ -14,14 +14,12 @@ from tqdm import tqdm
 
 from metagrad_rl.advantages import gae
 from metagrad_rl.checkpoint import load_checkpoint
-from metagrad_rl.metagrad import (
-    flatten,
-    start_meta_gradient,
-)
+from metagrad_rl.metagrad import start_meta_gradient
 from metagrad_rl.networks import (
     Critic,
     cln_condition,
 )
+from metagrad_rl.pytree import flatten
 from metagrad_rl.rollout import collect_rollout, critic_values
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import (

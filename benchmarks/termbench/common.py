@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
 from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.envs import make_env
@@ -19,6 +18,7 @@ from metagrad_rl.networks import (
     GaussianPolicy,
     IntrinsicReward,
 )
+from metagrad_rl.pytree import cosine as cos  # noqa: F401  (re-exported)
 from metagrad_rl.trainers import bilevel
 
 #: The benchmarks folder, and the command line every section's subprocess re-enters.
@@ -113,11 +113,6 @@ def markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def cos(a: Tensor, b: Tensor) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float("nan") if na == 0.0 or nb == 0.0 else float(a @ b) / (na * nb)
 
 
 def env_dims(env_id: str) -> tuple[int, int]:

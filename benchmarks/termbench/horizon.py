@@ -31,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from metagrad_rl.checkpoint import save_checkpoint
-from metagrad_rl.logging import clear_run_dir
 from metagrad_rl.memory import estimate_unroll_bytes
-from metagrad_rl.metagrad import TERMS, eq17_gradient, flatten, meta_gradient
+from metagrad_rl.metagrad import eq17_gradient, meta_gradient
+from metagrad_rl.pytree import TERMS, flatten
+from metagrad_rl.rundir import clear_run_dir
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer
 from metagrad_rl.trainers.common import optimizer_state_from_list

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from metagrad_rl.logging import CHECKPOINT_FILE, PROGRESS_FILE, SUMMARY_FILE, clear_run_dir
 from metagrad_rl.plotting import draw_mean_band, load_curve
+from metagrad_rl.rundir import CHECKPOINT_FILE, PROGRESS_FILE, SUMMARY_FILE, clear_run_dir
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,

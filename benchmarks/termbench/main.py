@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from metagrad_rl.checkpoint import atomic_write_json
-from metagrad_rl.logging import CHECKPOINT_FILE
+from metagrad_rl.rundir import CHECKPOINT_FILE
 from termbench.accuracy import accuracy_tables, plot_accuracy, run_accuracy
 from termbench.bias import mujoco_draws, mujoco_table, run_tabular, tabular_table
 from termbench.common import FULL, OPT_IN_SECTIONS, SECTIONS, SMALL, Budget, write_rows

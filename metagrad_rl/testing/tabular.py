@@ -23,7 +23,7 @@ The bilevel problem of the paper (Section 3.2, Eq 6-14) in miniature, in float64
 With ``N = (S A)^H`` trajectories there are ``N^(B K)`` batch sequences; :func:`enumerate_batches`
 lists them all, so ``M(eta) = E[J_ex(theta_K(tau, eta), eta)]`` (:func:`meta_objective`) is a
 finite sum whose weights are differentiable in ``eta``, and its autograd is the *true*
-meta-gradient (:func:`true_meta_gradient`). Every estimator of :mod:`metagrad_rl.estimators` is
+meta-gradient (:func:`true_meta_gradient`). Every estimator of :mod:`metagrad_rl.score_function` is
 evaluated per draw (:func:`estimator_draws`); weighting the draws by their (detached)
 probabilities gives its exact mean and covariance (:func:`exact_moments`), and
 :func:`monte_carlo_moments` samples instead. Tensors carry one leading *draw* dimension ``D``.
@@ -41,7 +41,7 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.estimators import (
+from metagrad_rl.score_function import (
     dice_surrogate,
     leave_one_out_baseline,
     sampling_aware_surrogate,

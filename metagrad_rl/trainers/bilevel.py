@@ -33,7 +33,7 @@ gradients of ``L_out = -J_ex`` (see ``docs/equations.md``):
 
 Every estimator is one registry entry; adding one does not touch this file.
 - ``dice``: the same correction without a baseline, through DiCE's magic box (its first
-  derivative; ``metagrad_rl.estimators.magic_box``).
+  derivative; ``metagrad_rl.score_function.magic_box``).
 """
 
 from __future__ import annotations
@@ -54,13 +54,7 @@ from metagrad_rl import config as C
 from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError, DivergenceError
 from metagrad_rl.flat import FlatLayout
-from metagrad_rl.metagrad import (
-    PendingMetaGradient,
-    detach_state,
-    eq17_gradient,
-    flatten,
-    start_meta_gradient,
-)
+from metagrad_rl.metagrad import PendingMetaGradient, eq17_gradient, start_meta_gradient
 from metagrad_rl.networks import (
     POLICIES,
     Critic,
@@ -74,6 +68,7 @@ from metagrad_rl.networks import (
 from metagrad_rl.optim import clip_counts, join_states, permute_state, split_state
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.problems import ppo_meta_problem
+from metagrad_rl.pytree import Params, all_finite, detach_state, flatten, take
 from metagrad_rl.rollout import (
     Batch,
     Collector,
@@ -107,8 +102,6 @@ from metagrad_rl.unroll import (
     minibatch_indices,
     prepare_round,
 )
-
-Params = dict[str, Tensor]
 
 
 @dataclass
@@ -540,11 +533,6 @@ def validation_round(
     return step
 
 
-def all_finite(params: Params) -> bool:
-    """Whether every entry of every tensor in ``params`` is finite (one device sync)."""
-    return bool(torch.stack([torch.isfinite(v).all() for v in params.values()]).all())
-
-
 def meta_step(
     cfg: BilevelConfig, parts: Parts, state: BilevelState, rec: RoundRecord, data: Collected
 ) -> MetaStep:
@@ -743,7 +731,7 @@ def plain_round(
     total = 0.0
     for idx in rec.minibatches:
         leaves = joint.leaves()
-        loss_pi = problem.inner_loss(leaves["theta"], _take(inner, idx), eta_policy=eta)
+        loss_pi = problem.inner_loss(leaves["theta"], take(inner, idx), eta_policy=eta)
         loss_v = value_losses(parts, leaves["critics"], v, idx)
         (grad,) = flat_grads(loss_pi + loss_v, joint)
         opt = _step(parts.joint_tx, (grad,), opt, (joint.flat,))
@@ -765,10 +753,6 @@ def critic_stack_order(critics: FlatParams) -> Tensor:
     views = critics.views(idx)
     mix, ex = views["v_mix"], views["v_ex"]
     return torch.cat([torch.stack([mix[k], ex[k]]).reshape(-1) for k in mix])
-
-
-def _take(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    return {k: t[idx] for k, t in data.items()}
 
 
 def _step(tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:

@@ -32,9 +32,8 @@ from metagrad_rl.flat import FlatLayout
 from metagrad_rl.networks import Critic, Policy
 from metagrad_rl.optim import clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
+from metagrad_rl.pytree import Params
 from metagrad_rl.rollout import Batch, Collector, critic_values
-
-Params = dict[str, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,11 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from metagrad_rl.errors import ConfigError
-
-Params = dict[str, Tensor]
+from metagrad_rl.pytree import TERMS, Params, add
 
 UNROLLS = ("none", "lookahead", "round")
 SCORES = (None, "baseline", "magic_box")
@@ -116,10 +113,6 @@ def get(name: str) -> MetaGrad:
     return META_GRADS[name]
 
 
-def _add(*dicts: Params) -> Params:
-    return {k: sum((d[k] for d in dicts[1:]), dicts[0][k]) for k in dicts[0]}
-
-
 # -- the built-in estimators -----------------------------------------------------------------------
 TERM_KEYS = ("norm_eq11", "norm_eq12", "norm_eq13", "norm_eq14", "norm_eq17", "norm_total")
 #: Log columns of the estimators with a score term (``sampling-aware``, ``dice``).
@@ -137,7 +130,7 @@ def _lirpg(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
 
 def _three_term(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
     g17, g12, g13 = ctx.eq17(), ctx.result.eq12, ctx.result.eq13
-    return _add(g17, g12, g13), {"eq17": g17, "eq12": g12, "eq13": g13}
+    return add(g17, g12, g13), {"eq17": g17, "eq12": g12, "eq13": g13}
 
 
 def _exact(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
@@ -148,7 +141,7 @@ def _with_score(ctx: MetaGradContext) -> tuple[Params, dict[str, Params]]:
     total, score = ctx.result.total, ctx.result.score
     if score is None:  # no episode ended in the validation batch: no J_hat, no score term
         score = {k: v.new_zeros(v.shape) for k, v in total.items()}
-    return _add(total, score), {"total": total, "score": score}
+    return add(total, score), {"total": total, "score": score}
 
 
 register(
@@ -245,7 +238,7 @@ def multi_round(rounds: int) -> MetaGrad:
 
 def subset(names: tuple[str, ...]) -> MetaGrad:
     """``terms-eqA+eqB``: the sum of the named terms of Eq 11-14 through the real round."""
-    bad = [n for n in names if n not in ("eq11", "eq12", "eq13", "eq14")]
+    bad = [n for n in names if n not in TERMS]
     if bad or not names:
         raise ConfigError(f"terms {bad or list(names)} are invalid: expected some of eq11..eq14")
 

@@ -53,6 +53,7 @@ from metagrad_rl.distributed import (
 )
 from metagrad_rl.envs import RunningMeanStd
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.pytree import PARTS
 from metagrad_rl.rollout import EpisodeStats
 
 #: Checkpoint entries that differ between workers (the rest is the same on every worker).
@@ -211,8 +212,7 @@ class Parallel:
         same on every worker); one all-reduce."""
         if not self.distributed or result is None:
             return result
-        names = [n for n in ("total", "eq11", "eq12", "eq13", "eq14", "eq17", "score")]
-        present = [(n, getattr(result, n)) for n in names if getattr(result, n) is not None]
+        present = [(n, getattr(result, n)) for n in PARTS if getattr(result, n) is not None]
         tensors = [t for _, d in present for t in d.values()]
         average_gradients_(tensors)
         if result.score is not None:

@@ -28,7 +28,7 @@ import torch
 from metagrad_rl import config as C
 from metagrad_rl.checkpoint import load_checkpoint, save_checkpoint
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.logging import (
+from metagrad_rl.rundir import (
     CHECKPOINT_FILE,
     TENSORBOARD_DIR,
     RunLogger,

@@ -16,14 +16,17 @@ the source of truth.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metagrad_rl.checkpoint import CsvLog, atomic_write_json
+from metagrad_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from metagrad_rl.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -193,3 +196,58 @@ class RunLogger:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write_json(run_dir / SUMMARY_FILE, summary)
+
+
+class CsvLog:
+    """An append-only CSV whose rows are written whole (one ``write`` + ``fsync`` per row).
+
+    The header is fixed by the first row. Opening an existing log for a resumed run first
+    drops rows past ``keep_until_step`` (written after the checkpoint being resumed), atomically.
+    """
+
+    def __init__(
+        self, path: str | Path, step_key: str = "global_step", keep_until_step: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.step_key = step_key
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+                fields = list(rows[0].keys()) if rows else None
+            if fields and keep_until_step is not None:
+                kept = [r for r in rows if int(float(r[step_key])) <= keep_until_step]
+                atomic_write_bytes(self.path, _csv_text(fields, kept, header=True).encode())
+            self.fields = fields
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        header = self.fields is None
+        if self.fields is None:
+            self.fields = list(row.keys())
+        text = _csv_text(self.fields, [row], header=header)
+        with open(self.path, "a", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _csv_text(fields: Sequence[str], rows: Sequence[Mapping[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    if header:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """All rows of a CSV log as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
