@@ -36,19 +36,23 @@ from torch import Tensor
 
 from metagrad_rl import score_function
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.inputs import (
+    check_outer_batch,
+    check_outer_loss,
+    check_params,
+    check_rounds,
+    check_start_inputs,
+    check_surrogate,
+)
 from metagrad_rl.memory import GraphMemoryMeter, check_unroll_memory
-from metagrad_rl.optim import check_differentiable, sqrt_without_eps_root
+from metagrad_rl.optim import sqrt_without_eps_root
 from metagrad_rl.pytree import TERMS, BatchDict, Params, add, cosine, detach_state, flatten
-from metagrad_rl.recompute import Checkpointed, check_checkpoint_every, forward_sweep
+from metagrad_rl.recompute import Checkpointed, forward_sweep
 from metagrad_rl.unroll import (
     EtaPaths,
     InnerSurrogate,
     MetaProblem,
     Round,
-    check_batch,
-    check_optimizer,
-    check_params,
-    check_rounds,
     outer_loss_at,
     unroll,
 )
@@ -135,26 +139,6 @@ def diagnostics_of(terms: Mapping[str, Params], total: Params) -> dict[str, floa
         out[f"norm_{name}"] = float(v.norm())
         out[f"cos_{name}_total"] = cosine(v, t)
     return out
-
-
-def check_outer_batch(outer_batch: BatchDict | None) -> BatchDict:
-    """The outer batch, or ``{}`` when none is given (an ``outer_loss`` that reads no data)."""
-    if outer_batch is None or (isinstance(outer_batch, Mapping) and len(outer_batch) == 0):
-        return {}
-    check_batch("outer_batch", outer_batch)
-    return outer_batch
-
-
-def check_outer_loss(loss: Any) -> None:
-    """The outer loss is one finite number."""
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ConfigError(f"outer_loss returned {shape}: expected a scalar tensor")
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise ConfigError(
-            f"outer_loss returned {float(loss.detach())} at theta_(k+1): the outer loss itself "
-            "is not finite (every inner step was)"
-        )
 
 
 def eq17_gradient(
@@ -374,52 +358,6 @@ class PendingMetaGradient:
         return torch.stack(terms).sum()
 
 
-def check_truncate(truncate: Any) -> None:
-    """``None`` (the whole unroll) or a number of last inner steps ``>= 0``."""
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0
-    ):
-        raise ConfigError(
-            f"truncate={truncate!r} is invalid: expected None (every inner step) or an int >= 0 "
-            "(differentiate through the last `truncate` inner steps only)"
-        )
-
-
-def _check_inputs(
-    problem: MetaProblem,
-    optimizer: Any,
-    theta: Mapping[str, Tensor],
-    eta: Mapping[str, Tensor],
-    truncate: Any,
-    checkpoint_every: Any,
-    opt_state: Any,
-    allow_graph_cuts: bool,
-) -> list[str]:
-    """One :class:`ConfigError` for the first bad argument of :func:`start_meta_gradient`;
-    returns the optimizer's graph cuts allowed by ``allow_graph_cuts``."""
-    check_optimizer(optimizer)
-    cuts = check_differentiable(optimizer, allow_graph_cuts)
-    check_params("theta", theta, problem.theta_spec)
-    check_params("eta", eta, problem.eta_spec)
-    check_truncate(truncate)
-    check_checkpoint_every(checkpoint_every)
-    if opt_state is not None and not isinstance(opt_state, tuple):
-        raise ConfigError(
-            f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
-        )
-    return cuts
-
-
-def _surrogate(surrogate: Any) -> InnerSurrogate:
-    try:
-        return InnerSurrogate(surrogate)
-    except ValueError:
-        raise ConfigError(
-            f"surrogate={surrogate!r} is invalid: expected one of "
-            f"{[s.value for s in InnerSurrogate]}"
-        ) from None
-
-
 def start_meta_gradient(
     problem: MetaProblem,
     optimizer: torchopt.base.GradientTransformation,
@@ -439,11 +377,11 @@ def start_meta_gradient(
 ) -> PendingMetaGradient:
     """The first half of :func:`meta_gradient`: validate, check memory, unroll (the graph
     kept, or with ``checkpoint_every`` only the checkpoints of the recomputing pass)."""
-    cuts = _check_inputs(
+    cuts = check_start_inputs(
         problem, optimizer, theta, eta, truncate, checkpoint_every, opt_state, allow_graph_cuts
     )
     rounds = check_rounds(rounds)
-    surrogate = _surrogate(surrogate)
+    surrogate = check_surrogate(surrogate)
     check_unroll_memory(
         problem,
         optimizer,

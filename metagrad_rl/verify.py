@@ -33,7 +33,8 @@ from torch.autograd.gradcheck import GradcheckError
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FlatLayout
-from metagrad_rl.metagrad import check_outer_batch, meta_gradient
+from metagrad_rl.inputs import check_outer_batch
+from metagrad_rl.metagrad import meta_gradient
 from metagrad_rl.optim import check_differentiable
 from metagrad_rl.pytree import TERMS, BatchDict, flatten
 from metagrad_rl.unroll import (

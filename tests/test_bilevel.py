@@ -385,8 +385,8 @@ def test_docs_table_and_cli_choices_read_the_registry(capsys):
     assert "--meta-grad {" + ",".join(meta_grads.META_GRADS) + "}" in capsys.readouterr().out
 
 
-def test_plain_round_equals_the_differentiable_rounds(tmp_path):
-    """eq17 takes the fused plain round (policy and critics in one pass); the same estimator
+def test_fused_round_equals_the_differentiable_rounds(tmp_path):
+    """eq17 takes the fused round (policy and critics in one pass); the same estimator
     registered with unroll="round" takes the engine's differentiable unroll then the critic
     round. Both runs must end at the same theta, critics and eta."""
     entry = MetaGrad("eq17-round", "Eq 17 after a differentiable round", _eq17, "round")
@@ -423,9 +423,10 @@ def test_a_non_finite_meta_gradient_skips_eta_step_and_is_counted(tmp_path, monk
     ``eta_lr = 0``: ``0 * NaN``), which is how three 1M-step Hopper runs died. The trainer
     skips that step -- eta and its optimizer state unchanged, bit for bit -- counts it in the
     log, the checkpoint and the summary, and goes on."""
-    from metagrad_rl.trainers import bilevel
+    from metagrad_rl.trainers.bilevel import validation
+    from metagrad_rl.trainers.common import optimizer_state_to_list
 
-    real, seen = bilevel.meta_step, []
+    real, seen = validation.meta_step, []
 
     def poisoned(cfg, parts, state, rec, data):
         step = real(cfg, parts, state, rec, data)
@@ -441,12 +442,12 @@ def test_a_non_finite_meta_gradient_skips_eta_step_and_is_counted(tmp_path, monk
         seen.append(
             (
                 {k: v.clone() for k, v in state.eta.items()},
-                [t.clone() for t in bilevel.optimizer_state_to_list(state.eta_state)],
+                [t.clone() for t in optimizer_state_to_list(state.eta_state)],
             )
         )
         return step
 
-    monkeypatch.setattr(bilevel, "meta_step", poisoned)
+    monkeypatch.setattr(validation, "meta_step", poisoned)
     etas = []
     summary = train(
         _config("cln", eta_lr=eta_lr, total_steps=128 * 4),
@@ -475,22 +476,22 @@ def test_a_non_finite_meta_gradient_skips_eta_step_and_is_counted(tmp_path, monk
 def test_a_diverged_policy_round_is_a_divergence_error_not_bad_input(tmp_path, monkeypatch, capsys):
     """theta turning NaN in training is reported as divergence (where, what to do), one line
     and exit 2 from the CLI -- not as "expected finite input"."""
+    from dataclasses import replace
+
     from metagrad_rl import cli
     from metagrad_rl.errors import DivergenceError
-    from metagrad_rl.trainers import bilevel
+    from metagrad_rl.trainers.bilevel import fused
 
-    real = bilevel.policy_round
+    real = fused.fused_round
 
     def diverging(cfg, parts, state, data, adv_mix):
-        out = real(cfg, parts, state, data, adv_mix)
+        state, log = real(cfg, parts, state, data, adv_mix)
         if state.iteration == 1:
-            state.theta = {
-                **state.theta,
-                "log_std": torch.full_like(state.theta["log_std"], torch.nan),
-            }
-        return out
+            nan = torch.full_like(state.theta["log_std"], torch.nan)
+            state = replace(state, theta={**state.theta, "log_std": nan})
+        return state, log
 
-    monkeypatch.setattr(bilevel, "policy_round", diverging)
+    monkeypatch.setattr(fused, "fused_round", diverging)
     with pytest.raises(DivergenceError, match=r"diverged at iteration 2 \(step 256\).*log_std"):
         train(_config("cln"), tmp_path / "a")
     argv = [
