@@ -29,7 +29,7 @@ from metagrad_rl.trainers.bilevel import (
     train,
 )
 from metagrad_rl.trainers.common import optimizer_state_from_list
-from metagrad_rl.trainers.meta_grads import MetaGrad, _eq17
+from metagrad_rl.trainers.meta_grads import MetaGrad, Unroll, _eq17, lookahead, real_round
 from metagrad_rl.trainers.run import lr_restart_of
 from metagrad_rl.unroll import EtaPaths, Round, unroll
 
@@ -115,7 +115,7 @@ def test_a_toy_estimator_is_one_registry_entry(tmp_path):
         return g, {"half_eq13": g}
 
     entry = MetaGrad(
-        "half-eq13", "half of Eq 13", half_eq13, "lookahead", True, log_keys=("norm_half_eq13",)
+        "half-eq13", "half of Eq 13", half_eq13, lookahead(), log_keys=("norm_half_eq13",)
     )
     meta_grads.register(entry)
     try:
@@ -135,6 +135,49 @@ def test_a_toy_estimator_is_one_registry_entry(tmp_path):
         meta_grads.unregister("half-eq13")
     with pytest.raises(ConfigError, match="meta_grad='half-eq13' is invalid"):
         _config("lirpg", meta_grad="half-eq13")
+
+
+def test_a_new_kind_of_unroll_is_one_piece_without_touching_the_trainer(tmp_path):
+    """A kind of unroll the registry does not have -- the real round's first epoch only, as a
+    look-ahead beside the real round -- is one :class:`Unroll`; its applied total equals the
+    engine's total through exactly those minibatches."""
+
+    def first_epoch(rec, past, lookahead_steps):
+        half = rec.minibatches[: len(rec.minibatches) // 2]
+        return [Round(rec.batch, half)]
+
+    entry = MetaGrad(
+        "first-epoch",
+        "the total through the real round's first epoch",
+        lambda ctx: (ctx.result.total, {"total": ctx.result.total}),
+        Unroll("first epoch", first_epoch),
+        log_keys=("norm_total",),
+    )
+    meta_grads.register(entry)
+    try:
+        cfg = _config("cln", meta_grad="first-epoch", update_epochs=2)
+        steps = []
+        train(cfg, tmp_path / "run", on_meta_step=steps.append)
+        assert "| `first-epoch` |" in meta_grads.markdown_table()
+    finally:
+        meta_grads.unregister("first-epoch")
+    policy, reward = _nets(cfg)
+    problem, tx = build_problem(cfg, policy, reward), policy_optimizer(cfg)
+    s = steps[-1]
+    state = optimizer_state_from_list(tx.init(s.round.theta), s.round.opt_state)
+    half = s.round.minibatches[: len(s.round.minibatches) // 2]
+    ref = meta_gradient(
+        problem,
+        tx,
+        s.round.theta,
+        s.round.eta,
+        [Round(s.round.batch, half)],
+        s.outer,
+        opt_state=state,
+        terms=True,
+    )
+    torch.testing.assert_close(flatten(s.grad), flatten(ref.total), rtol=1e-5, atol=1e-8)
+    assert flatten(s.grad).norm() > 0
 
 
 def _nets(cfg):
@@ -170,7 +213,7 @@ def test_each_algo_and_estimator_runs_and_moves_eta(tmp_path, algo, meta_grad):
     for col in cols:
         assert last[col] != "", col
     assert float(last["norm_applied"]) == pytest.approx(float(flatten(steps[-1].grad).norm()), 1e-5)
-    if mg.terms:
+    if mg.unroll is not None and mg.unroll.terms:
         assert float(last["norm_eq13"]) > 0 and "norm_eq14" in header
     if mg.score is not None:
         assert "norm_score" in header and "score_weight" in header
@@ -389,7 +432,7 @@ def test_fused_round_equals_the_differentiable_rounds(tmp_path):
     """eq17 takes the fused round (policy and critics in one pass); the same estimator
     registered with unroll="round" takes the engine's differentiable unroll then the critic
     round. Both runs must end at the same theta, critics and eta."""
-    entry = MetaGrad("eq17-round", "Eq 17 after a differentiable round", _eq17, "round")
+    entry = MetaGrad("eq17-round", "Eq 17 after a differentiable round", _eq17, real_round(False))
     meta_grads.register(entry)
     try:
         train(_config("cln", meta_grad="eq17"), tmp_path / "plain")

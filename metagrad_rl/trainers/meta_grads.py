@@ -1,42 +1,122 @@
 """The ``--meta-grad`` registry: one :class:`MetaGrad` entry per estimator of ``dJ_ex/deta``.
 
-An entry says what the bilevel trainer must prepare for it and what it applies:
+An entry is built from small pieces, the way Optax chains transformations; the bilevel trainer
+(:mod:`metagrad_rl.trainers.bilevel`) only calls them:
 
-- ``unroll``: ``"none"`` (no differentiable unroll, e.g. Eq 17), ``"lookahead"`` (a
-  ``lookahead_steps``-step full-batch look-ahead from ``theta_k``, kept beside the real round)
-  or ``"round"`` (the real policy round itself is unrolled differentiably; ``theta_{k+1}`` is
-  its output);
-- ``terms``: whether the unroll splits ``eta`` into the four paths of Eq 11-14 (one backward
-  pass either way; the split costs four leaf copies of ``eta``);
-- ``score``: ``None``, ``"baseline"`` (the sampling-aware score term with a moving-average
-  baseline) or ``"magic_box"`` (the same term through DiCE's magic box, no baseline);
+- an :class:`Unroll` -- what the estimator differentiates and when it starts:
+  :func:`lookahead` (a ``lookahead_steps``-step full-batch look-ahead from ``theta_k``, beside
+  the real round), :func:`real_round` (the real policy round itself; the trainer continues
+  from its ``theta_{k+1}``), :func:`truncated` ``(k)`` (its last ``k`` inner steps) or
+  :func:`through_rounds` ``(R)`` (the last ``R`` policy rounds re-simulated at the current
+  ``eta`` by the checkpointed reverse pass); ``None``: no unroll (Eq 17);
+- a :class:`Score` -- :func:`with_score` ``("baseline")`` (the sampling-aware score term with
+  a moving-average baseline) or ``("magic_box")`` (the same term through DiCE's magic box);
 - ``apply(ctx)``: the gradient to step ``eta`` with, and the named parts it is made of;
-- ``log_keys``: the ``progress.csv`` columns it fills (every one is written, empty when absent);
-- ``needs_cln``: the estimator needs a policy conditioned on ``eta`` (Eq 17 is zero otherwise);
-- ``truncate``: with ``unroll="round"``, differentiate through the last ``truncate`` inner steps
-  only (truncated backpropagation, :func:`metagrad_rl.metagrad.meta_gradient`);
-- ``rounds``: with ``unroll="round"``, differentiate through the last ``rounds`` policy rounds,
-  re-simulated from the stored ``theta`` of the oldest at the current ``eta`` (``exact-r3``;
-  ``docs/estimators.md`` says exactly which function that is);
-- ``checkpoint_every``: the engine's reverse pass (``None``: the stored graph; ``k`` or
-  ``"auto"``: the checkpointed one, :mod:`metagrad_rl.recompute`).
+- ``log_keys``: the ``progress.csv`` columns it fills; ``needs_cln``: Eq 17 (or Eq 11/12)
+  is in it, so it needs a policy conditioned on ``eta``.
 
-The trainer (:mod:`metagrad_rl.trainers.bilevel`), the CLI's ``--meta-grad`` choices, the docs
-table and ``benchmarks/compare_terms`` read :data:`META_GRADS`. To add an estimator, build a
-:class:`MetaGrad` and :func:`register` it (``docs/estimators.md``, "Adding an estimator").
+A new kind of unroll is one new :class:`Unroll` (``docs/estimators.md``, "Adding an
+estimator"); the CLI's ``--meta-grad`` choices, the docs table and
+``benchmarks/compare_terms`` read :data:`META_GRADS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.pytree import TERMS, Params, add
+from metagrad_rl.unroll import Round
 
-UNROLLS = ("none", "lookahead", "round")
-SCORES = (None, "baseline", "magic_box")
+
+# -- the pieces --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unroll:
+    """What an estimator differentiates, and when the trainer starts it.
+
+    ``rounds(rec, past, lookahead_steps)`` gives the engine's rounds from the pending round
+    ``rec`` (a :class:`~metagrad_rl.trainers.bilevel.RoundRecord`) and the ``past`` rounds kept
+    for it (the last ``keeps``, oldest first); the unroll starts from the oldest one's
+    ``theta`` and optimizer state, at ``rec.eta``. ``at_record``: started when the round is
+    recorded (the graph kept until the validation round), else in the validation round.
+    ``continues``: ``theta_{k+1}`` is this unroll's output (the trainer's policy round *is*
+    the unroll). ``terms``: split ``eta`` into the Eq 11-14 paths. ``truncate`` and
+    ``checkpoint_every`` go to :func:`~metagrad_rl.metagrad.start_meta_gradient`. ``kind``
+    names it in the docs table.
+    """
+
+    kind: str
+    rounds: Callable[[Any, Sequence[Any], int], list[Round]]
+    at_record: bool = True
+    continues: bool = False
+    keeps: int = 0
+    terms: bool = True
+    truncate: int | None = None
+    checkpoint_every: int | str | None = None
+
+
+def _lookahead_rounds(rec: Any, past: Sequence[Any], lookahead_steps: int) -> list[Round]:
+    full = torch.arange(rec.batch["r_ex"].numel())
+    return [Round(rec.batch, [full] * lookahead_steps)]
+
+
+def _recorded_rounds(rec: Any, past: Sequence[Any], lookahead_steps: int) -> list[Round]:
+    return [Round(r.batch, r.minibatches) for r in (*past, rec)]
+
+
+def lookahead(terms: bool = True) -> Unroll:
+    """A ``lookahead_steps``-step full-batch look-ahead from ``theta_k`` (LIRPG's), beside the
+    real round."""
+    return Unroll("lookahead", _lookahead_rounds, terms=terms)
+
+
+def real_round(terms: bool = True, truncate: int | None = None) -> Unroll:
+    """The real policy round, differentiably; ``truncate``: through its last steps only."""
+    if truncate is not None and truncate < 0:
+        raise ConfigError(f"truncate={truncate} is invalid: expected >= 0")
+    return Unroll("round", _recorded_rounds, continues=True, terms=terms, truncate=truncate)
+
+
+def last_steps(k: int) -> Unroll:
+    """The real round through its last ``k`` inner steps (truncated backpropagation)."""
+    return real_round(truncate=k)
+
+
+def through_rounds(rounds: int) -> Unroll:
+    """The last ``rounds`` policy rounds, re-simulated from the oldest one's stored ``theta`` at
+    the current ``eta`` in the validation round (checkpointed reverse pass); the trainer's
+    rounds run as plain ones."""
+    if rounds < 2:
+        raise ConfigError(f"rounds={rounds} is invalid: expected >= 2 (1 is real_round())")
+    return Unroll(
+        "round", _recorded_rounds, at_record=False, keeps=rounds - 1, checkpoint_every="auto"
+    )
+
+
+@dataclass(frozen=True)
+class Score:
+    """The score-function term of sampling ``tau_k`` from ``pi_{theta_k, eta}``.
+
+    ``baseline(b)``: the baseline to use given the trainer's moving average ``b`` (``None``
+    before any); ``magic_box``: through DiCE's magic box instead of the weighted log-likelihood.
+    """
+
+    kind: str
+    baseline: Callable[[float | None], float]
+    magic_box: bool = False
+
+
+def with_score(kind: str) -> Score:
+    """``"baseline"`` (a moving-average baseline) or ``"magic_box"`` (DiCE, no baseline)."""
+    if kind == "baseline":
+        return Score(kind, lambda b: 0.0 if b is None else b)
+    if kind == "magic_box":
+        return Score(kind, lambda b: 0.0, magic_box=True)
+    raise ConfigError(f"score={kind!r} is invalid: expected 'baseline' or 'magic_box'")
 
 
 @dataclass
@@ -44,8 +124,8 @@ class MetaGradContext:
     """What an estimator's ``apply`` may read in the validation round (Eq 24).
 
     ``result`` is the engine's :class:`~metagrad_rl.metagrad.MetaGradResult` of the unroll
-    (``None`` for ``unroll="none"``); ``eq17()`` evaluates Eq 17 at ``theta_{k+1}`` on the
-    validation batch with the configured denominator (computed on first call, then cached).
+    (``None`` without one); ``eq17()`` evaluates Eq 17 at ``theta_{k+1}`` on the validation
+    batch with the configured denominator (computed on first call, then cached).
     """
 
     result: Any
@@ -65,30 +145,34 @@ class MetaGrad:
     name: str
     help: str
     apply: Callable[[MetaGradContext], tuple[Params, dict[str, Params]]]
-    unroll: str = "none"
-    terms: bool = False
-    score: str | None = None
+    unroll: Unroll | None = None
+    score: Score | None = None
     log_keys: tuple[str, ...] = ()
     needs_cln: bool = False
-    truncate: int | None = None
-    rounds: int = 1
-    checkpoint_every: int | str | None = None
 
     def __post_init__(self) -> None:
-        if self.rounds != 1 and (self.unroll != "round" or self.rounds < 1):
+        if self.unroll is not None and not isinstance(self.unroll, Unroll):
             raise ConfigError(
-                f"meta-grad {self.name!r}: rounds={self.rounds} needs unroll='round' and >= 1"
+                f"meta-grad {self.name!r}: unroll={self.unroll!r} is invalid: expected an "
+                "Unroll (lookahead(), real_round(), last_steps(k), through_rounds(R)) or None"
             )
-        if self.truncate is not None and (self.unroll != "round" or self.truncate < 0):
-            raise ConfigError(
-                f"meta-grad {self.name!r}: truncate={self.truncate} needs unroll='round' and >= 0"
-            )
-        if self.unroll not in UNROLLS:
-            raise ConfigError(f"unroll={self.unroll!r} is invalid: expected one of {UNROLLS}")
-        if self.score not in SCORES:
-            raise ConfigError(f"score={self.score!r} is invalid: expected one of {SCORES}")
-        if self.unroll == "none" and (self.terms or self.score):
-            raise ConfigError(f"meta-grad {self.name!r}: terms and score need an unroll")
+        if self.unroll is None and self.score is not None:
+            raise ConfigError(f"meta-grad {self.name!r}: a score term needs an unroll")
+
+    @property
+    def starts_at_record(self) -> bool:
+        """Its unroll starts when the policy round is recorded (and is kept until Eq 24)."""
+        return self.unroll is not None and self.unroll.at_record
+
+    @property
+    def continues_from_unroll(self) -> bool:
+        """``theta_{k+1}`` is its unroll's output (else the round is a plain, fused one)."""
+        return self.unroll is not None and self.unroll.continues
+
+    @property
+    def keeps_rounds(self) -> int:
+        """How many past policy rounds the trainer keeps for it (oldest dropped first)."""
+        return 0 if self.unroll is None else self.unroll.keeps
 
 
 META_GRADS: dict[str, MetaGrad] = {}
@@ -158,8 +242,7 @@ register(
         "lirpg",
         "Eq 13 alone through a lookahead_steps-step full-batch look-ahead (LIRPG)",
         _lirpg,
-        unroll="lookahead",
-        terms=True,
+        unroll=lookahead(),
         log_keys=TERM_KEYS,
     )
 )
@@ -168,8 +251,7 @@ register(
         "three-term",
         "Eq 17 + Eq 12 + Eq 13, Eq 12/13 through the look-ahead (the paper's 3-term)",
         _three_term,
-        unroll="lookahead",
-        terms=True,
+        unroll=lookahead(),
         log_keys=TERM_KEYS,
         needs_cln=True,
     )
@@ -179,8 +261,7 @@ register(
         "exact",
         "the total derivative through the real policy round (Eq 11+12+13+14)",
         _exact,
-        unroll="round",
-        terms=True,
+        unroll=real_round(),
         log_keys=TERM_KEYS,
     )
 )
@@ -189,8 +270,8 @@ register(
         "sampling-aware",
         "exact plus the score term of sampling tau_k from pi_{theta_k, eta}, with a baseline",
         _with_score,
-        unroll="round",
-        score="baseline",
+        unroll=real_round(terms=False),
+        score=with_score("baseline"),
         log_keys=SCORE_KEYS,
     )
 )
@@ -199,8 +280,8 @@ register(
         "dice",
         "exact plus the score term through DiCE's magic box (no baseline)",
         _with_score,
-        unroll="round",
-        score="magic_box",
+        unroll=real_round(terms=False),
+        score=with_score("magic_box"),
         log_keys=SCORE_KEYS,
     )
 )
@@ -213,10 +294,8 @@ def truncated(k: int) -> MetaGrad:
         f"the total derivative through the last {k} inner steps of the policy round "
         "(truncated backpropagation; theta before them held constant)",
         _exact,
-        unroll="round",
-        terms=True,
+        unroll=last_steps(k),
         log_keys=TERM_KEYS,
-        truncate=k,
     )
 
 
@@ -228,11 +307,8 @@ def multi_round(rounds: int) -> MetaGrad:
         f"the total derivative through the last {rounds} policy rounds, re-simulated from the "
         "oldest one's stored theta at the current eta (Eq 11-14, checkpointed reverse pass)",
         _exact,
-        unroll="round",
-        terms=True,
+        unroll=through_rounds(rounds),
         log_keys=TERM_KEYS,
-        rounds=rounds,
-        checkpoint_every="auto",
     )
 
 
@@ -251,8 +327,7 @@ def subset(names: tuple[str, ...]) -> MetaGrad:
         f"{' + '.join(n.replace('eq', 'Eq ') for n in names)} through the real policy round "
         "(a partial exact meta-gradient)",
         apply,
-        unroll="round",
-        terms=True,
+        unroll=real_round(),
         log_keys=TERM_KEYS,
         needs_cln=any(n in ("eq11", "eq12") for n in names),
     )
@@ -276,7 +351,8 @@ def markdown_table() -> str:
     for m in META_GRADS.values():
         keys = ", ".join(f"`{k}`" for k in m.log_keys)
         lines.append(
-            f"| `{m.name}` | {m.help} | {m.unroll} | {'yes' if m.terms else 'no'} "
-            f"| {m.score or '-'} | {keys} |"
+            f"| `{m.name}` | {m.help} | {m.unroll.kind if m.unroll else 'none'} "
+            f"| {'yes' if m.unroll and m.unroll.terms else 'no'} "
+            f"| {m.score.kind if m.score else '-'} | {keys} |"
         )
     return "\n".join(lines)

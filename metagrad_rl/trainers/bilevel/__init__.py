@@ -62,7 +62,6 @@ from metagrad_rl.trainers.bilevel.policy import (
     policy_round,
     record_round,
     round_schedule,
-    unrolls_policy_round,
 )
 from metagrad_rl.trainers.bilevel.state import (
     BilevelState,
@@ -112,7 +111,6 @@ __all__ = [
     "score_weight",
     "start_unroll",
     "train",
-    "unrolls_policy_round",
     "validation_round",
     "value_losses",
     "value_targets",

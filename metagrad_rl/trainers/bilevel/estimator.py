@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from metagrad_rl.metagrad import PendingMetaGradient, start_meta_gradient
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.state import Parts, RoundRecord
 from metagrad_rl.trainers.common import make_optimizer, optimizer_state_from_list
-from metagrad_rl.unroll import Round
 
 
 def start_unroll(
@@ -20,22 +17,20 @@ def start_unroll(
     rec: RoundRecord,
     history: Sequence[RoundRecord] = (),
 ) -> PendingMetaGradient:
-    """The estimator's differentiable unroll of ``rec`` (the real round or the look-ahead).
+    """The estimator's differentiable unroll of ``rec`` (its
+    :class:`~metagrad_rl.trainers.meta_grads.Unroll`).
 
-    A multi-round estimator (``rounds = R > 1``) unrolls the stored rounds of ``history`` (the
-    last ``R - 1`` before ``rec``, fewer early in a run) and then ``rec``'s, from the oldest
-    one's ``theta`` and optimizer state, every round at ``rec.eta``.
+    An unroll that keeps ``R - 1`` past rounds unrolls those of ``history`` (fewer early in a
+    run) and then ``rec``'s, from the oldest one's ``theta`` and optimizer state, every round
+    at ``rec.eta``.
     """
-    mg = parts.meta_grad
-    past = list(history)[-(mg.rounds - 1) :] if mg.rounds > 1 else []
+    unroll = parts.meta_grad.unroll
+    assert unroll is not None, "an estimator without an unroll starts none"
+    past = list(history)[-unroll.keeps :] if unroll.keeps else []
     first = past[0] if past else rec
     tx = round_optimizer(cfg, parts, first)
     state = optimizer_state_from_list(tx.init(first.theta), first.opt_state)
-    if mg.unroll == "round":
-        rounds = [Round(r.batch, r.minibatches) for r in (*past, rec)]
-    else:
-        full = torch.arange(rec.batch["r_ex"].numel())
-        rounds = [Round(rec.batch, [full] * cfg.lookahead_steps)]
+    rounds = unroll.rounds(rec, past, cfg.lookahead_steps)
     return start_meta_gradient(
         parts.problem,
         tx,
@@ -44,9 +39,9 @@ def start_unroll(
         rounds,
         opt_state=state,
         surrogate=cfg.surrogate,
-        terms=mg.terms,
-        truncate=mg.truncate,
-        checkpoint_every=mg.checkpoint_every,
+        terms=unroll.terms,
+        truncate=unroll.truncate,
+        checkpoint_every=unroll.checkpoint_every,
     )
 
 

@@ -38,7 +38,7 @@ def train(
     run = Run.open(algo, cfg, out, ckpt)
     if ckpt is not None:
         s = s.restored(ckpt, parts, cfg.device)
-    unrolled = policy.unrolls_policy_round(parts.meta_grad)
+    unrolled = parts.meta_grad.continues_from_unroll
     while run.keep_going(s.iteration, s.global_step, stop_at_step):
         # ---- tau_k ~ pi_{theta_k, eta_i}
         s, data = collect(cfg, parts, s)

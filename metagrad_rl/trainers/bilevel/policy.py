@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from metagrad_rl.optim import clip_counts
-from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel.collect import round_batch
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.estimator import start_unroll
@@ -43,14 +42,9 @@ def record_round(
         j_hat=float(np.mean(eps.returns)) if eps.returns else None,
         schedule=(state.lr_restart, cfg.num_iterations),
     )
-    if mg.unroll != "none" and mg.rounds == 1:
+    if mg.starts_at_record:
         rec.graph = start_unroll(cfg, parts, rec)
     return replace(state, pending=rec)
-
-
-def unrolls_policy_round(mg: meta_grads.MetaGrad) -> bool:
-    """Whether ``theta_{k+1}`` is the estimator's differentiable unroll of the real round."""
-    return mg.unroll == "round" and mg.rounds == 1
 
 
 def policy_round(state: BilevelState) -> tuple[BilevelState, dict[str, float]]:

@@ -56,8 +56,9 @@ def validation_round(
         eta = detach_state(torchopt.apply_updates(eta, updates, inplace=False))
     step.diagnostics.setdefault("meta_steps_skipped", skipped)
     history = state.history
-    if parts.meta_grad.rounds > 1:  # the rounds the next meta-steps re-simulate
-        history = [*history, rec][-(parts.meta_grad.rounds - 1) :]
+    keeps = parts.meta_grad.keeps_rounds
+    if keeps:  # the rounds the next meta-steps re-simulate
+        history = [*history, rec][-keeps:]
     state = replace(
         state,
         eta=eta,
@@ -87,19 +88,19 @@ def meta_step(
     weight = None
     result = None
     if mg.score is not None:
-        b = 0.0 if mg.score == "magic_box" or state.baseline is None else state.baseline
+        b = mg.score.baseline(state.baseline)
         sigma = parts.par.union_std(data.adv_ex)  # the union's, as its score term needs
         weight = score_weight(
             data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex, sigma
         )
-    if mg.unroll != "none":
+    if mg.unroll is not None:
         # a resumed run re-runs the unroll; a multi-round one starts here, from the history
         graph = rec.graph or start_unroll(cfg, parts, rec, state.history)
         result = graph.finish(
             outer,
             denominator=cfg.denominator,
             score_weight=weight,
-            magic_box=mg.score == "magic_box",
+            magic_box=mg.score is not None and mg.score.magic_box,
         )
         result = parts.par.combine_meta(result)  # averaged over the workers (score: summed)
 
