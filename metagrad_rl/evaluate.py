@@ -16,33 +16,35 @@ from metagrad_rl.checkpoint import load_checkpoint
 from metagrad_rl.config import positive_int
 from metagrad_rl.envs import ObsNormalizer, make_env
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import GaussianPolicy
-from metagrad_rl.rollout import NumpyPolicy
+from metagrad_rl.networks import POLICIES, Sampler
 
 
-def load_policy(snapshot: dict[str, Any]) -> tuple[NumpyPolicy, ObsNormalizer]:
-    """Rebuilds the numpy policy and frozen normaliser from a checkpoint's ``"policy"`` entry."""
-    cond = snapshot.get("cond")
-    if snapshot.get("kind", "gaussian") != "gaussian":
+def load_policy(snapshot: dict[str, Any]) -> tuple[Sampler, ObsNormalizer]:
+    """Rebuilds the policy's sampler and the frozen normaliser from a checkpoint's ``"policy"``
+    entry; the policy is rebuilt by its factory in :data:`~metagrad_rl.networks.POLICIES`."""
+    cond, kind = snapshot.get("cond"), snapshot.get("kind", "gaussian")
+    if kind not in POLICIES:
         raise ConfigError(
-            f"evaluate rebuilds the gaussian policy: this checkpoint's is {snapshot['kind']!r}"
+            f"this checkpoint's policy {kind!r} is not registered: expected one of "
+            f"{', '.join(POLICIES)} (add its factory to metagrad_rl.networks.POLICIES)"
         )
-    policy = GaussianPolicy(
+    policy = POLICIES[kind](
         snapshot["obs_dim"],
         snapshot["act_dim"],
         tuple(snapshot["hidden"]),
-        conditioning=snapshot["conditioning"],
-        cond_dim=None if cond is None else int(cond.numel()),
+        snapshot["conditioning"],
+        None if cond is None else int(cond.numel()),
     )
-    try:
-        policy.load_state_dict(snapshot["theta"])
-    except RuntimeError as err:
-        raise ConfigError(f"checkpoint policy does not match its spec: {err}") from err
+    theta = dict(snapshot["theta"])
+    want = {k: tuple(v.shape) for k, v in policy.named_parameters()}
+    got = {k: tuple(v.shape) for k, v in theta.items()}
+    if want != got:
+        raise ConfigError(f"checkpoint policy does not match its spec: {got} vs {want}")
     obs_norm = ObsNormalizer(
         snapshot["obs_dim"], clip=snapshot["obs_clip"], enabled=snapshot["obs_norm_enabled"]
     )
     obs_norm.load_state_dict(snapshot["obs_norm"])
-    return NumpyPolicy(policy, dict(policy.named_parameters()), cond), obs_norm
+    return policy.sampler(theta, cond), obs_norm
 
 
 def evaluate_checkpoint(

@@ -14,7 +14,7 @@ of the update that actually ran: a clipped step ``g * c / |g|`` has the Jacobian
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -325,3 +325,34 @@ def check_differentiable(tx: GradientTransformation, allow_graph_cuts: bool = Fa
             + " (or pass allow_graph_cuts=True to hold those factors constant knowingly)"
         )
     return cuts
+
+
+# -- the inner optimizers --------------------------------------------------------------------------
+def _adam(lr: Any, eps: float, eps_root: float) -> torchopt.base.GradientTransformation:
+    return torchopt.adam(lr=lr, eps=eps, eps_root=eps_root)
+
+
+def _sgd(lr: Any, eps: float, eps_root: float) -> torchopt.base.GradientTransformation:
+    return torchopt.sgd(lr=lr)
+
+
+def _momentum(lr: Any, eps: float, eps_root: float) -> torchopt.base.GradientTransformation:
+    return torchopt.sgd(lr=lr, momentum=0.9)
+
+
+def _rmsprop(lr: Any, eps: float, eps_root: float) -> torchopt.base.GradientTransformation:
+    # the running mean of g^2 starts at eps_root > 0, so sqrt never sees 0 (differentiable)
+    return torchopt.rmsprop(lr=lr, eps=eps, initial_scale=eps_root)
+
+
+#: ``--inner-opt``: ``name -> (lr or schedule, eps, eps_root) -> transformation``, the update
+#: after the gradient-norm clip (:func:`metagrad_rl.trainers.common.make_optimizer`). Every one
+#: is TorchOpt's pure-Python, differentiable transformation: adam (``eps_root`` inside the
+#: square root), plain sgd, sgd with momentum 0.9 and rmsprop (``alpha = 0.99``, its second
+#: moment started at ``eps_root``). Add an entry to offer another.
+INNER_OPTS: dict[str, Callable[[Any, float, float], torchopt.base.GradientTransformation]] = {
+    "adam": _adam,
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "rmsprop": _rmsprop,
+}

@@ -1,8 +1,9 @@
 """The built-in bilevel problem: PPO inner round on intrinsic advantages, PPO outer round.
 
-:func:`ppo_meta_problem` returns a :class:`~metagrad_rl.unroll.MetaProblem` for a
-:class:`~metagrad_rl.networks.GaussianPolicy` (CLN-conditioned or not) and an
-:class:`~metagrad_rl.networks.IntrinsicReward`:
+:func:`ppo_meta_problem` returns a :class:`~metagrad_rl.unroll.MetaProblem` for any
+:class:`~metagrad_rl.networks.Policy` (e.g. the CLN-conditioned or plain
+:class:`~metagrad_rl.networks.GaussianPolicy`; only the protocol is used, its ``entropy``
+included) and an :class:`~metagrad_rl.networks.IntrinsicReward`:
 
 - ``prepare`` (once per round, Eq 13 path): ``r_mix = r_ex_coef r_ex + r_in_coef r_eta(s, a)``,
   differentiable GAE with the mixed critic's values held constant (as LIRPG does), and the
@@ -24,13 +25,7 @@ from torch import Tensor
 
 from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.networks import (
-    GaussianPolicy,
-    IntrinsicReward,
-    gaussian_entropy,
-    intrinsic_reward,
-    policy_log_prob,
-)
+from metagrad_rl.networks import IntrinsicReward, Policy, intrinsic_reward, policy_log_prob
 from metagrad_rl.ppo import clipped_surrogate_loss
 from metagrad_rl.unroll import MetaProblem
 
@@ -47,7 +42,7 @@ def _require(name: str, batch: Mapping[str, Tensor], keys: tuple[str, ...]) -> N
 
 
 def ppo_meta_problem(
-    policy: GaussianPolicy,
+    policy: Policy,
     reward_net: IntrinsicReward,
     *,
     gamma: float = 0.99,
@@ -107,7 +102,7 @@ def ppo_meta_problem(
             adv = normalize(adv, sum_over_workers=sum_over_workers)
         loss = clipped_surrogate_loss(logp, mb["old_logp"], adv, clip)
         if ent_coef:
-            loss = loss - ent_coef * gaussian_entropy(theta["log_std"])
+            loss = loss - ent_coef * policy.entropy(theta)
         return loss
 
     def outer_loss(

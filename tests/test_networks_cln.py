@@ -11,11 +11,11 @@ from metagrad_rl.networks import (
     ConditionalLayerNorm,
     GaussianPolicy,
     IntrinsicReward,
+    NumpyPolicy,
     cln_condition,
     params_of,
     policy_log_prob,
 )
-from metagrad_rl.rollout import NumpyPolicy
 
 
 def _formula(x, g, b, eps):

@@ -95,3 +95,44 @@ def test_ppo_and_eq17_run_the_second_policy(tmp_path, linear_policy):
     rows = (tmp_path / "eq17" / "progress.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert dict(zip(header, rows[-1].split(",")))["entropy"] != ""
+
+
+def test_the_problem_takes_the_entropy_bonus_from_the_protocol(linear_policy):
+    """``ent_coef > 0`` with a policy that has no ``log_std``: the inner loss moves by exactly
+    ``-ent_coef * policy.entropy(theta)``."""
+    reward = IntrinsicReward(4, 1, (8,), 2)
+    policy = LinearGaussian(4, 1, (), "cln", reward.condition_dim)
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    eta = {k: v.detach() for k, v in reward.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "obs": torch.randn(6, 4, generator=g),
+        "act": torch.randn(6, 1, generator=g),
+        "r_ex": torch.randn(6, generator=g),
+        "v_mix": torch.zeros(6),
+        "v_mix_next": torch.zeros(6),
+        "terminated": torch.zeros(6),
+        "episode_end": torch.zeros(6),
+    }
+    losses = []
+    for ent in (0.0, 0.1):
+        cfg = bilevel.CLNConfig(policy="linear", ent_coef=ent, **SMALL)
+        problem = bilevel.build_problem(cfg, policy, reward)
+        mb = problem.prepare(batch, eta_reward=eta, theta_old=theta, eta_policy_old=eta)
+        losses.append(problem.inner_loss(theta, mb, eta_policy=eta))
+    want = -0.1 * policy.entropy(theta)
+    torch.testing.assert_close(losses[1] - losses[0], want, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_rebuilds_a_registered_policy(tmp_path, linear_policy):
+    from metagrad_rl.checkpoint import load_checkpoint
+    from metagrad_rl.evaluate import evaluate_checkpoint, load_policy
+
+    ppo.train(ppo.PPOConfig(policy="linear", total_steps=128, **SMALL), tmp_path / "ppo")
+    ckpt = load_checkpoint(tmp_path / "ppo" / "checkpoint.pt")
+    sampler, _ = load_policy(ckpt["policy"])
+    theta = ckpt["policy"]["theta"]
+    obs = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    want = LinearGaussian(4, 1, (), "none", None)._mean(theta, torch.from_numpy(obs), None)
+    np.testing.assert_allclose(sampler.mean(obs), want.numpy(), rtol=1e-6, atol=1e-7)
+    assert len(evaluate_checkpoint(tmp_path / "ppo" / "checkpoint.pt", episodes=2)) == 2

@@ -30,7 +30,7 @@ from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FlatLayout
 from metagrad_rl.networks import Critic, Policy
-from metagrad_rl.optim import clip_grad_norm
+from metagrad_rl.optim import INNER_OPTS, clip_grad_norm
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
 from metagrad_rl.pytree import Params
 from metagrad_rl.rollout import Batch, Collector, critic_values
@@ -310,8 +310,10 @@ def make_optimizer(
     eps_root: float = 0.0,
     restart: int = 0,
     segments: Sequence[int] | None = None,
+    inner_opt: str = "adam",
 ) -> torchopt.base.GradientTransformation:
-    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps, eps_root))``.
+    """``chain(clip_grad_norm(max_grad_norm), adam(schedule, eps, eps_root))``, or another
+    update of :data:`metagrad_rl.optim.INNER_OPTS` (``inner_opt``) after the clip.
 
     The one optimizer builder of every trainer (PPO's policy + critic, the bilevel policy and
     critics). The clip is :func:`metagrad_rl.optim.clip_grad_norm` (its factor stays on the
@@ -321,10 +323,14 @@ def make_optimizer(
     ``segments`` of :func:`metagrad_rl.optim.clip_grad_norm`).
     """
     schedule = linear_schedule(lr, updates_per_iteration, num_iterations, anneal_lr, restart)
-    adam = torchopt.adam(lr=schedule, eps=eps, eps_root=eps_root)
+    if inner_opt not in INNER_OPTS:
+        raise ConfigError(
+            f"inner_opt={inner_opt!r} is invalid: expected one of {tuple(INNER_OPTS)}"
+        )
+    update = INNER_OPTS[inner_opt](schedule, eps, eps_root)
     if max_grad_norm is None or math.isinf(max_grad_norm):
-        return adam
-    return torchopt.chain(clip_grad_norm(max_grad_norm, segments=segments), adam)
+        return update
+    return torchopt.chain(clip_grad_norm(max_grad_norm, segments=segments), update)
 
 
 def optimizer_for(
@@ -341,6 +347,7 @@ def optimizer_for(
         eps_root,
         restart,
         segments,
+        inner_opt=getattr(cfg, "inner_opt", "adam"),
     )
 
 

@@ -21,6 +21,7 @@ from metagrad_rl.advantages import gae
 from metagrad_rl.envs import check_env_id
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.networks import POLICIES, Critic, IntrinsicReward, Policy, params_of
+from metagrad_rl.optim import INNER_OPTS
 from metagrad_rl.rollout import Batch, Collector, Rollout, collect_rollout
 from metagrad_rl.trainers import parallel
 from metagrad_rl.trainers.common import (
@@ -85,7 +86,11 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     """Global gradient-norm clip."""
     adam_eps: float = 1e-5
-    """Adam epsilon."""
+    """Adam epsilon (also RMSProp's)."""
+    inner_opt: str = "adam"
+    """Update of the policy and the critics after the gradient-norm clip, from
+    metagrad_rl.optim.INNER_OPTS: adam, sgd, momentum (0.9) or rmsprop; in the bilevel trainers
+    the inner optimizer the meta-gradient differentiates through."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of policy and critic (tanh)."""
     policy: str = "gaussian"
@@ -138,6 +143,7 @@ class PPOConfig:
         C.unit_interval("gae_lambda", self.gae_lambda)
         C.one_of("conditioning", self.conditioning, self.CONDITIONINGS)
         C.one_of("policy", self.policy, tuple(POLICIES))
+        C.one_of("inner_opt", self.inner_opt, tuple(INNER_OPTS))
         for name in ("hidden", "reward_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(
@@ -180,7 +186,11 @@ class PPOConfig:
     @classmethod
     def field_choices(cls) -> dict[str, tuple[str, ...]]:
         """The accepted values of the fields that take a name (the CLI's ``choices``)."""
-        return {"conditioning": cls.CONDITIONINGS, "policy": tuple(POLICIES)}
+        return {
+            "conditioning": cls.CONDITIONINGS,
+            "policy": tuple(POLICIES),
+            "inner_opt": tuple(INNER_OPTS),
+        }
 
     def coefs(self) -> PPOCoefs:
         return PPOCoefs(self.clip_coef, self.clip_vloss, self.ent_coef, self.vf_coef, self.norm_adv)

@@ -73,7 +73,7 @@ def build_problem(
     """The engine's problem for this config (:func:`metagrad_rl.problems.ppo_meta_problem`);
     ``sum_over_workers``: advantage statistics over the workers' union."""
     return ppo_meta_problem(
-        policy,  # type: ignore[arg-type]  # the engine types it GaussianPolicy; any Policy works
+        policy,
         reward_net,
         gamma=cfg.gamma,
         lam=cfg.gae_lambda,

@@ -61,5 +61,6 @@ def round_optimizer(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> Any:
             cfg.adam_eps,
             cfg.adam_eps_root,
             restart,
+            inner_opt=cfg.inner_opt,
         )
     )
