@@ -39,11 +39,8 @@ Usage::
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the termbench package beside this file
-
-from termbench.accuracy import (  # noqa: E402
+from termbench.accuracy import (
     ESTIMATORS,
     accuracy_tables,
     checkpoint_indices,
@@ -51,14 +48,14 @@ from termbench.accuracy import (  # noqa: E402
     run_accuracy,
     terms_at,
 )
-from termbench.bias import (  # noqa: E402
+from termbench.bias import (
     mujoco_draws,
     mujoco_table,
     run_tabular,
     tabular_table,
     variance_rows,
 )
-from termbench.common import (  # noqa: E402
+from termbench.common import (
     FULL,
     SECTIONS,
     SMALL,
@@ -71,7 +68,7 @@ from termbench.common import (  # noqa: E402
     nets_for,
     write_rows,
 )
-from termbench.cost import (  # noqa: E402
+from termbench.cost import (
     CostSetup,
     cost_tables,
     plot_cost,
@@ -80,7 +77,7 @@ from termbench.cost import (  # noqa: E402
     run_cost,
     target,
 )
-from termbench.learning import (  # noqa: E402
+from termbench.learning import (
     learning_table,
     learning_tables,
     plot_groups,
@@ -88,8 +85,8 @@ from termbench.learning import (  # noqa: E402
     run_learning,
     tiny_runs,
 )
-from termbench.main import main  # noqa: E402
-from termbench.plots import pyplot, save_png  # noqa: E402
+from termbench.main import main
+from termbench.plots import pyplot, save_png
 
 __all__ = [
     "ESTIMATORS",

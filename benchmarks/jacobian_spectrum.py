@@ -53,10 +53,7 @@ from typing import Any
 
 import torch
 import torchopt
-from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_terms import (  # noqa: E402  (a sibling benchmark script, not a package)
+from compare_terms import (  # a sibling benchmark script
     checkpoint_indices,
     env_dims,
     fmt,
@@ -66,23 +63,24 @@ from compare_terms import (  # noqa: E402  (a sibling benchmark script, not a pa
     save_png,
     write_rows,
 )
+from torch import Tensor
 
-from metagrad_rl.checkpoint import atomic_write_bytes  # noqa: E402
-from metagrad_rl.flat import FLAT_KEY, FlatLayout  # noqa: E402
-from metagrad_rl.jacobian import (  # noqa: E402
+from metagrad_rl.checkpoint import atomic_write_bytes
+from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.jacobian import (
     adam_frozen_second_moment,
     round_map,
     spectral_norm,
 )
-from metagrad_rl.optim import clip_counts, clip_grad_norm  # noqa: E402
-from metagrad_rl.rundir import clear_run_dir  # noqa: E402
-from metagrad_rl.trainers import bilevel  # noqa: E402
-from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer  # noqa: E402
-from metagrad_rl.trainers.common import (  # noqa: E402
+from metagrad_rl.optim import clip_counts, clip_grad_norm
+from metagrad_rl.rundir import clear_run_dir
+from metagrad_rl.trainers import bilevel
+from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer
+from metagrad_rl.trainers.common import (
     linear_schedule,
     optimizer_state_from_list,
 )
-from metagrad_rl.unroll import (  # noqa: E402
+from metagrad_rl.unroll import (
     InnerSurrogate,
     Round,
     inner_step,

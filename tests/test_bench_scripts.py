@@ -76,3 +76,26 @@ def test_trainer_overhead_runs_one_short_pair(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in data["rows"]] == ["ppo", "cln eq17"]
     assert "target: CLN eq17 at most 1.25x" in capsys.readouterr().out
+
+
+def test_one_entry_point_lists_and_runs_every_benchmark():
+    """``python -m benchmarks --help`` names every script of ``benchmarks/``; an experiment's
+    ``--help`` is the script's own; an unknown one is exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "benchmarks", *args]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+
+    listed = run("--help")
+    assert listed.returncode == 0
+    scripts = [p.stem for p in (root / "benchmarks").glob("*.py") if not p.stem.startswith("_")]
+    for name in [*scripts, "learning_runs"]:
+        assert f"\n  {name} " in listed.stdout, name
+    one = run("trainer_overhead", "--help")
+    assert one.returncode == 0 and "--total-steps" in one.stdout
+    assert run("no-such-experiment").returncode == 2
