@@ -349,8 +349,8 @@ def plot(summ: Sequence[Row], path: Path) -> None:
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=c, label=n) for n, c in PLOTTED.items()
     ]
-    fig.legend(handles=handles, loc="center right", fontsize=8)
-    save_png(fig, path, rect=(0, 0, 0.83, 1))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    save_png(fig, path)
 
 
 # ============================================================================ main

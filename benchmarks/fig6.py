@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from termbench.common import write_rows
-from termbench.plots import legend_outside, pyplot, save_png
+from termbench.plots import legend_outside, pyplot, save_png, styles
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.plotting import load_curve
@@ -68,10 +68,11 @@ def binned(runs: dict[str, dict[str, tuple]], bin_steps: int) -> list[dict[str, 
 
 def plot(runs: dict[str, dict[str, tuple]], window: int, path: Path) -> None:
     fig, axes = pyplot().subplots(len(METRICS), 1, figsize=(9, 8.5), sharex=True)
+    style = styles()  # one colour per run, the same in both panels
     for ax, (m, label) in zip(axes, METRICS.items()):
         for name, curves in runs.items():
             s, v = curves[m]
-            ax.plot(s / 1e6, smooth(v, window), lw=1.0, alpha=0.8, label=name)
+            ax.plot(s / 1e6, smooth(v, window), lw=1.0, alpha=0.8, label=name, **style(name))
         ax.set_ylabel(f"{label}\n(trailing mean of {window} iterations)")
         ax.grid(alpha=0.3)
     legend_outside(axes[0])

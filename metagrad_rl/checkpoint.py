@@ -75,14 +75,19 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint safely; a missing or corrupt file is a one-line :class:`ConfigError`."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"checkpoint {str(p)!r} is a directory: expected a checkpoint.pt file "
+            f"(a run directory's is {str(p / 'checkpoint.pt')!r})"
+        )
     if not p.is_file():
         raise ConfigError(f"checkpoint {str(p)!r} does not exist: expected a checkpoint.pt file")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure means the file is not ours or is damaged
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"checkpoint {str(p)!r} is corrupt or not a metagrad_rl checkpoint ({reason[:120]})"
+            f"checkpoint {str(p)!r} is corrupt or not a metagrad_rl checkpoint "
+            f"({load_failure_reason(err)})"
         ) from err
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(
@@ -90,3 +95,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{CHECKPOINT_FORMAT}"
         )
     return obj
+
+
+def load_failure_reason(err: BaseException, limit: int = 120) -> str:
+    """The informative part of a ``torch.load`` error, whole words, at most ``limit`` chars.
+
+    A ``weights_only`` failure begins with several sentences of advice; what went wrong is
+    after ``WeightsUnpickler error:`` (e.g. ``Unsupported global: GLOBAL __main__.A``).
+    """
+    import re
+
+    text = str(err).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.DOTALL)
+    if found:
+        text = found.group(1).strip()
+    line = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if len(line) <= limit:
+        return line
+    cut = line[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:.")
+    return cut + " ..."
+

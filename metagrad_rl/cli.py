@@ -144,8 +144,9 @@ def _add_plot(sub: Any) -> None:
     plot = sub.add_parser(
         "plot",
         help="plot learning curves of run directories",
-        description="Learning curves: mean and +-1 std over seeds; runs are grouped by every "
-        "config.json field that differs between them (seed aside), one panel per env.",
+        description="Learning curves: mean and +-1 std over seeds, one panel per env; runs are "
+        "grouped by the config.json settings that differ between them (seed aside), and the "
+        "legend names the algorithm and those settings (e.g. `cln, meta_grad=exact`).",
     )
     plot.add_argument("runs", nargs="+", metavar="DIR", help="run directories (train --out)")
     plot.add_argument(
@@ -155,6 +156,13 @@ def _add_plot(sub: Any) -> None:
         "--metric", default="episodic_return", help="progress.csv column (default: %(default)s)"
     )
     plot.add_argument("--title", default="", help="figure title")
+    plot.add_argument(
+        "--label",
+        action="append",
+        metavar="TEXT",
+        help="legend label of each DIR, once per DIR in the same order (replaces the settings "
+        "in the legend; runs given the same label are averaged as seeds of one curve)",
+    )
     plot.set_defaults(func=cmd_plot)
 
 
@@ -164,11 +172,32 @@ def _add_evaluate(sub: Any) -> None:
         help="run a saved policy and print its mean return",
         description="Run a checkpoint's policy (mean action) and print its mean raw return.",
     )
-    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt file")
+    ev.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint.pt file, or a run directory (train --out) holding one",
+    )
     ev.add_argument("--episodes", type=int, default=10, help="episodes (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="env seed (default: %(default)s)")
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mean")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse takes a token such as ``-1e-3`` (unlike
+    ``-1`` or ``-0.5``) for an option and would say ``expected one argument``; joined, the
+    value reaches the config's validation, which names it."""
+    import re
+
+    number = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+    out: list[str] = []
+    for a in argv:
+        prev = out[-1] if out else ""
+        if number.fullmatch(a) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:
@@ -224,6 +253,7 @@ def make_train_config(args: argparse.Namespace) -> Any:
                 f"--algo={args.algo!r} differs from {args.config!r}'s algo={algo!r}: expected "
                 "one of them, or the same"
             )
+        from_file = C.check_types(cls, from_file, where=f"--config {args.config!r}: ")
         explicit = {**from_file, **explicit}
     base: dict[str, Any] = {}
     if args.resume:
@@ -271,7 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv = parallel.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
         return parallel.launch_local(args.nproc, argv, args.worker_timeout)
     device = str(getattr(args, "device", None) or "cpu")
-    C.torch_device("--device", device)  # one line before any process group is joined
+    C.torch_device("device", device)  # one line before any process group is joined
     with init_workers(device, timeout_s=args.worker_timeout) as w:
         return _train_worker(args, w.is_main)
 
@@ -366,7 +396,9 @@ def _train_worker(args: argparse.Namespace, is_main: bool) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from metagrad_rl.plotting import plot_runs
 
-    path, notes = plot_runs(args.runs, args.out, metric=args.metric, title=args.title)
+    path, notes = plot_runs(
+        args.runs, args.out, metric=args.metric, title=args.title, labels=args.label
+    )
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {path}")
@@ -393,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metagrad_rl.distributed import OutOfSyncError, WorkerLostError
     from metagrad_rl.trainers.parallel import PeerConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(_peek_algo(argv)).parse_args(argv)
         args.argv = argv

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import textwrap
+import typing
 from functools import cache
 from typing import Any
 
@@ -58,11 +59,90 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             f"unknown settings {flags} for {cls.__name__}: expected flags of "
             f"`metagrad-rl train --algo ... --help`"
         )
-    kwargs = {}
+    return cls(**check_types(cls, data))
+
+
+def check_types(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``data`` with each value checked against the type of its field of ``cls``.
+
+    Ints, floats, bools, strings and tuples of ints (``hidden``) are checked exactly as a
+    TOML or JSON file or a flag would give them: a bool is not an int, a string is not a
+    bool, ``64`` is not a tuple; an int is accepted for a float (and becomes one) and a list
+    of ints for a tuple. A wrong type is one :class:`ConfigError` naming the key, the value
+    and the expected type (``where`` says which file). Keys that are not fields pass through.
+    """
+    hints = _field_types(cls)
+    out = {}
     for k, v in data.items():
-        default = names[k].default
-        kwargs[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
-    return cls(**kwargs)
+        kind = hints.get(k)
+        out[k] = v if kind is None else _checked(k, v, kind, where)
+    return out
+
+
+def check_fields(config: Any) -> None:
+    """Checks (and normalises, as :func:`check_types`) every field of a config in place."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for k, v in check_types(type(config), values).items():
+        if v is not values[k]:
+            setattr(config, k, v)
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+#: What each field type accepts, as a message says it.
+_EXPECTED = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _checked(key: str, value: Any, kind: Any, where: str) -> Any:
+    """``value`` as a ``kind`` (int -> float, list -> tuple), or a one-line ConfigError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple and args[1:] == (Ellipsis,) and args[0] is int:
+        if isinstance(value, list | tuple) and all(_is_int(x) for x in value):
+            return tuple(value)
+        expected = "a list of integers, e.g. [64, 64]"
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        expected = _EXPECTED[bool]
+    elif kind is int:
+        if _is_int(value):
+            return value
+        expected = _EXPECTED[int]
+    elif kind is float:
+        if _is_int(value) or isinstance(value, float):
+            return float(value)
+        expected = _EXPECTED[float]
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        expected = _EXPECTED[str]
+    else:  # a type this checker does not know: the config's own validation judges it
+        return value
+    raise ConfigError(f"{where}{key}={value!r} is {_kind_of(value)}: expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind_of(value: Any) -> str:
+    names = {bool: "a bool", int: "an integer", float: "a float", str: "a string"}
+    if type(value) in names:
+        return names[type(value)]
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
 
 
 def read_config_file(path: str) -> tuple[str | None, dict[str, Any]]:

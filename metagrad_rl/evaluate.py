@@ -50,8 +50,13 @@ def load_policy(snapshot: dict[str, Any]) -> tuple[Sampler, ObsNormalizer]:
 def evaluate_checkpoint(
     path: str | Path, episodes: int = 10, seed: int = 0, deterministic: bool = True
 ) -> list[float]:
-    """Raw returns of ``episodes`` episodes of the checkpoint's policy (env seeded ``seed``)."""
+    """Raw returns of ``episodes`` episodes of the checkpoint's policy (env seeded ``seed``).
+
+    ``path`` is a ``checkpoint.pt`` or a run directory (``train --out``) holding one.
+    """
     positive_int("episodes", episodes)
+    if Path(path).is_dir() and (Path(path) / "checkpoint.pt").is_file():
+        path = Path(path) / "checkpoint.pt"  # a run directory (train --out): its checkpoint
     ckpt = load_checkpoint(path)
     snap = ckpt.get("policy")
     if not isinstance(snap, dict):

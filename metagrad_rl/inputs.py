@@ -92,11 +92,24 @@ def _as_index(idx: Any, where: str) -> Tensor:
             f"{where} has dtype {idx.dtype} and shape {tuple(idx.shape)}: expected a 1-d "
             "integer tensor or list of int indices"
         )
+    if bool((idx < 0).any()):
+        bad = int(idx[idx < 0][0])
+        raise ConfigError(
+            f"{where} holds the negative index {bad}: expected indices 0 .. n-1 into the "
+            "round's samples (a negative index would wrap to the end of the batch)"
+        )
+    if idx.unique().numel() != idx.numel():
+        values, counts = idx.unique(return_counts=True)
+        bad = int(values[counts > 1][0])
+        raise ConfigError(
+            f"{where} holds the index {bad} more than once: expected each sample at most once "
+            "per minibatch (to weight samples, put the weights in the batch)"
+        )
     return idx
 
 
 def check_rounds(rounds: Any) -> list[Round]:
-    """At least one round, each with at least one non-empty minibatch.
+    """At least one round, each with at least one non-empty minibatch of distinct indices >= 0.
 
     Returns the rounds with every minibatch as a 1-d integer tensor (lists of ints are
     accepted).

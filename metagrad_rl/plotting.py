@@ -12,8 +12,10 @@ The ``--out`` extension picks the format (png, pdf or svg).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +73,69 @@ def differing_fields(settings: dict[str, dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
 
 
+def _default_of(algo: Any, key: str) -> Any:
+    """``key``'s default in ``algo``'s config (a sentinel when either is unknown)."""
+    from metagrad_rl.trainers import ALGOS
+
+    fields = {f.name: f.default for f in dataclasses.fields(ALGOS[algo].config_cls)}
+    default = fields.get(key, _UNKNOWN) if algo in ALGOS else _UNKNOWN
+    return tuple(default) if isinstance(default, list) else default
+
+
+_UNKNOWN = object()
+
+
+def _short(value: Any) -> str:
+    return "(" + ",".join(map(str, value)) + ")" if isinstance(value, tuple) else str(value)
+
+
+def run_labels(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``{run: label}``: the algorithm, then each setting that tells its runs apart.
+
+    A field is named when its value differs between runs that have it (the seed and
+    bookkeeping fields aside) -- and, for a field that only differs between algorithms
+    (PPO's ``conditioning=none`` against CLN's ``cln``), only where it is not the
+    algorithm's default, since the algorithm's name already says it. So PPO against two CLN
+    estimators reads ``ppo``, ``cln, meta_grad=eq17``, ``cln, meta_grad=exact``.
+    """
+    keys = sorted({k for s in settings.values() for k in s} - {"env", "algo", *IGNORED_FIELDS})
+    varies: dict[str, set[Any]] = {}  # field -> the algorithms among whose runs it varies
+    for k in keys:
+        have = [s for s in settings.values() if k in s]
+        if len({repr(s[k]) for s in have}) > 1:
+            algos = {s.get("algo") for s in have}
+            varies[k] = {
+                a for a in algos if len({repr(s[k]) for s in have if s.get("algo") == a}) > 1
+            }
+    out = {}
+    for d, s in settings.items():
+        algo = s.get("algo")
+        parts = [str(algo)]
+        for k, within in varies.items():
+            if k in s and (algo in within or s[k] != _default_of(algo, k)):
+                parts.append(f"{k}={_short(s[k])}")
+        out[d] = ", ".join(parts)
+    return out
+
+
 def group_curves(
-    run_dirs: list[str], metric: str = "episodic_return"
+    run_dirs: list[str], metric: str = "episodic_return", labels: Sequence[str] | None = None
 ) -> tuple[dict[tuple[str, str], list[Curve]], list[str]]:
     """``{(env, label): [(steps, values), ...]}`` and notes on the runs that were left out.
 
-    ``label`` names the fields that differ between the runs (``algo=cln, meta_grad=exact``);
-    when none does it is the algorithm's name.
+    ``label`` is :func:`run_labels`' (``cln, meta_grad=exact``), or ``labels[i]`` for the
+    ``i``-th run when given: runs with the same label are then averaged as seeds of one curve.
     """
     settings = run_settings(run_dirs)
-    fields = differing_fields(settings)
+    if labels:
+        if len(labels) != len(run_dirs):
+            raise ConfigError(
+                f"--label was given {len(labels)} times for {len(run_dirs)} run directories: "
+                "expected one --label per directory, in the same order"
+            )
+        names = dict(zip(run_dirs, labels))
+    else:
+        names = run_labels(settings)
     groups: dict[tuple[str, str], list[Curve]] = defaultdict(list)
     notes = []
     for d, s in settings.items():
@@ -88,10 +143,49 @@ def group_curves(
         if not len(steps):
             notes.append(f"left out {d}: no logged {metric!r} values")
             continue
-        parts = [f"{k}={s[k]}" for k in fields if s.get(k) is not None]
-        label = ", ".join(parts) if parts else str(s.get("algo"))
-        groups[(str(s.get("env", "?")), label)].append((steps, vals))
+        groups[(str(s.get("env", "?")), names[d])].append((steps, vals))
     return dict(groups), notes
+
+
+class SeriesStyles:
+    """Distinct colours for the distinct series of one figure, and line styles past ten.
+
+    ``styles(name)`` gives ``{"color", "linestyle"}`` for a series, the same every time it is
+    asked for (in every panel). A series takes its preferred colour (``preferred(key)``,
+    e.g. a fixed colour per estimator) unless another series of the figure already has it;
+    otherwise the first colour of the palette no series has. Past the palette's ten colours
+    the colours repeat with the next line style, so no two series look alike.
+    """
+
+    LINESTYLES = ("-", "--", ":", "-.")
+
+    def __init__(self, preferred: Callable[[str], Any] | None = None) -> None:
+        import matplotlib.colors as mcolors
+
+        plt = pyplot()
+        self._hex = mcolors.to_hex
+        self.palette = [mcolors.to_hex(c) for c in plt.cm.tab10.colors]
+        self.preferred = preferred
+        self.styles: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, key: str | None = None) -> dict[str, Any]:
+        if name not in self.styles:
+            self.styles[name] = self._new(key if key is not None else name)
+        return dict(self.styles[name])
+
+    def color(self, name: str, key: str | None = None) -> Any:
+        return self(name, key)["color"]
+
+    def _new(self, key: str) -> dict[str, Any]:
+        taken = {(s["color"], s["linestyle"]) for s in self.styles.values()}
+        want = self.preferred(key) if self.preferred is not None else None
+        if want is not None and (self._hex(want), "-") not in taken:
+            return {"color": self._hex(want), "linestyle": "-"}
+        for ls in self.LINESTYLES * 8:
+            for c in self.palette:
+                if (c, ls) not in taken:
+                    return {"color": c, "linestyle": ls}
+        return {"color": self.palette[0], "linestyle": "-"}  # pragma: no cover - 320 series
 
 
 def cut_notes(label: str, curves: list[Curve]) -> list[str]:
@@ -128,51 +222,85 @@ def mean_and_spread(
 
 
 def draw_mean_band(
-    ax: Any, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: Any = None
+    ax: Any,
+    curves: list[tuple[np.ndarray, np.ndarray]],
+    label: str,
+    color: Any = None,
+    linestyle: str = "-",
 ) -> None:
     """One line: the mean over ``curves`` with a +-1 std band (no band for a single curve).
 
     The one mean +- std drawing of the project (``metagrad-rl plot`` and the benchmarks).
     """
     grid, mean, std = mean_and_spread(curves)
-    (line,) = ax.plot(grid, mean, label=f"{label} (n={len(curves)})", color=color)
+    (line,) = ax.plot(
+        grid, mean, label=f"{label} (n={len(curves)})", color=color, linestyle=linestyle
+    )
     if len(curves) > 1:
         ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
 
 
 def plot_runs(
-    run_dirs: list[str], out: str | Path, metric: str = "episodic_return", title: str = ""
+    run_dirs: list[str],
+    out: str | Path,
+    metric: str = "episodic_return",
+    title: str = "",
+    labels: Sequence[str] | None = None,
 ) -> tuple[Path, list[str]]:
     """Draws the grouped learning curves to ``out`` (written atomically); returns the path and
-    notes on what was left out or cut."""
+    notes on what was left out or cut. ``labels``: one legend label per run (see
+    :func:`group_curves`)."""
     out = Path(out)
     fmt = check_format(out)
     check_writable_dir(out.parent if str(out.parent) else ".")
-    groups, notes = group_curves(run_dirs, metric)
+    groups, notes = group_curves(run_dirs, metric, labels)
     if not groups:
         raise ConfigError(f"no logged {metric!r} values in {run_dirs}: nothing to plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     envs = sorted({env for env, _ in groups})
     fig, axes = plt.subplots(1, len(envs), figsize=(7 * len(envs), 4), squeeze=False)
+    styles = SeriesStyles()
     for ax, env in zip(axes[0], envs):
         for (e, label), curves in sorted(groups.items()):
             if e == env:
-                draw_mean_band(ax, curves, label)
+                draw_mean_band(ax, curves, label, **styles(label))
                 notes += cut_notes(label, curves)
         ax.set_title(env)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        legend_outside(ax)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, figure_bytes(fig, fmt, dpi=110))
     return out, notes
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def legend_outside(ax: Any, fontsize: float = 8) -> None:
+    """The legend to the right of the axes, off the lines (none when nothing is labelled)."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def figure_bytes(fig: Any, fmt: str = "png", dpi: int = 100) -> bytes:
+    """``fig`` saved as ``fmt``, laid out by matplotlib's constrained layout (which makes room
+    for legends beside the axes and a suptitle, and never warns as ``tight_layout`` does);
+    the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.set_layout_engine("constrained")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()

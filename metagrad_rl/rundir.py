@@ -74,6 +74,10 @@ def check_run_dir(out: str | Path) -> Path:
             "--out '' is invalid: expected a directory path for the run (e.g. runs/my-run)"
         )
     p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(
+            f"--out {str(p)!r} is a file: expected a directory path for the run (e.g. runs/my-run)"
+        )
     if not p.is_dir():
         return p
     ours = {*RUN_FILES, TENSORBOARD_DIR}

@@ -21,6 +21,7 @@ A user's problem is a :class:`MetaProblem` of three pure functions (``prepare``,
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,58 @@ class MetaProblem:
     #: under ``pi_{theta, eta}`` (the sum of the actions' log-probabilities), for the
     #: sampling-aware score-function term (``docs/estimators.md``).
     log_likelihood: Callable[..., Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        for role in SIGNATURES:
+            fn = getattr(self, role)
+            if fn is not None or role != "log_likelihood":
+                check_signature(role, fn)
+
+
+#: What the engine calls each of :class:`MetaProblem`'s functions with: positional arguments,
+#: then keywords (a function may accept more, with defaults or ``**kwargs``).
+SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("batch",), ("eta_reward", "theta_old", "eta_policy_old")),
+    "inner_loss": (("theta", "minibatch"), ("eta_policy",)),
+    "outer_loss": (("theta", "batch"), ("eta_policy", "theta_den", "eta_den")),
+    "log_likelihood": (("theta", "batch"), ("eta_policy",)),
+}
+
+
+def check_signature(role: str, fn: Any) -> None:
+    """One :class:`ConfigError` unless ``fn`` can be called as :data:`SIGNATURES` ``[role]``.
+
+    Names the function, the keyword it lacks (or the argument it requires that the engine
+    never passes) and the expected signature. A callable whose signature Python cannot read
+    (some builtins) is accepted as it is.
+    """
+    positional, keywords = SIGNATURES[role]
+    expected = f"{role}({', '.join(positional)}, *, {', '.join(keywords)})"
+    if not callable(fn):
+        raise ConfigError(
+            f"MetaProblem's {role} is not callable ({type(fn).__name__}): expected {expected}"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    params = sig.parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    named = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    missing = [k for k in keywords if k not in named and not takes_any]
+    if missing:
+        raise ConfigError(
+            f"MetaProblem's {role} {name}{sig} does not take the keyword {missing[0]!r}: "
+            f"expected {expected}"
+        )
+    try:
+        sig.bind(*positional, **dict.fromkeys(keywords))
+    except TypeError as err:
+        raise ConfigError(
+            f"MetaProblem's {role} {name}{sig} cannot be called the way the engine calls it "
+            f"({err}): expected {expected}"
+        ) from None
 
 
 class Round(NamedTuple):

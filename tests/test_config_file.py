@@ -52,7 +52,7 @@ def test_bad_config_files_are_one_line_errors(capsys, tmp_path):
     assert "unknown settings --bogus-flag for PPOConfig" in line
     bad_value = tmp_path / "v.json"
     bad_value.write_text('{"lr": 0, "env": "InvertedPendulum-v5"}')
-    assert "lr=0 is invalid: expected a positive finite number" in _err(
+    assert "lr=0.0 is invalid: expected a positive finite number" in _err(
         capsys, ["train", "--config", str(bad_value), *out]
     )
     broken = tmp_path / "b.toml"

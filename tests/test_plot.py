@@ -28,11 +28,11 @@ def test_runs_are_grouped_by_every_differing_field_seed_aside(tmp_path):
     ]
     groups, notes = group_curves(runs)
     assert sorted(label for _, label in groups) == [
-        "algo=cln, meta_grad=eq17",
-        "algo=cln, meta_grad=exact",
-        "algo=ppo",
+        "cln, meta_grad=eq17",
+        "cln, meta_grad=exact",
+        "ppo",
     ]
-    assert len(groups[("Hopper-v5", "algo=cln, meta_grad=eq17")]) == 2 and notes == []
+    assert len(groups[("Hopper-v5", "cln, meta_grad=eq17")]) == 2 and notes == []
     same, _ = group_curves(runs[:2])  # only the seed differs: one group named by its algo
     assert list(same) == [("Hopper-v5", "cln")]
 

@@ -25,7 +25,7 @@ from metagrad_rl.trainers.common import (
 )
 from metagrad_rl.unroll import Round
 from termbench.common import Row, cos, env_dims, markdown, nets_for
-from termbench.plots import colour, legend_outside, pyplot, save_png
+from termbench.plots import legend_outside, pyplot, save_png, styles
 
 # =================================================================================================
 # 1. ACCURACY: every term on the trainer's stored batches
@@ -212,6 +212,9 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> Path:
     """Norm of each term and each estimator's cosine with the total (solid R = 1, dashed R = 2)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    style = styles()  # one distinct colour per term or estimator; the line style is R
+    names = ("eq17", "lirpg", "three-term", "three-term-lookahead")
+    markers = {e: (m, 11 - 2 * i) for i, (e, m) in enumerate(zip(names, "osD^"))}
     for r_, ls in ((1, "-"), (2, "--")):
         sub = [r for r in rows if r["R"] == r_]
         if not sub:
@@ -221,11 +224,16 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> Path:
             if n == "eq14" and r_ == 1:
                 continue  # zero with one round
             y = [r[f"norm_{n}"] for r in sub]
-            axes[0].plot(x, y, ls, marker="o", color=colour(n), label=f"{n} R={r_}")
-        for e in ("eq17", "lirpg", "three-term", "three-term-lookahead"):
+            axes[0].plot(x, y, ls, marker="o", color=style.color(n), label=f"{n} R={r_}")
+        for e in names:
             y = [r[f"cos_{e}"] for r in sub]
-            axes[1].plot(x, y, ls, marker="o", color=colour(e), label=f"{e} R={r_}")
+            m, size = markers[e]  # hollow markers of decreasing size: equal values stay visible
+            axes[1].plot(
+                x, y, ls, marker=m, mfc="none", ms=size, color=style.color(e), label=f"{e} R={r_}"
+            )
     axes[0].set_yscale("log")
+    axes[0].set_ylabel("|term| (norm of dL_out/deta)")
+    axes[1].set_ylabel("cosine with the exact total")
     axes[0].set_title("norm of each term (solid R=1, dashed R=2)")
     axes[1].set_title("cosine with the exact total of the same R")
     axes[1].axhline(0, color="k", lw=0.5)

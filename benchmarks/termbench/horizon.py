@@ -41,7 +41,7 @@ from metagrad_rl.trainers.common import optimizer_state_from_list
 from metagrad_rl.unroll import InnerSurrogate, Round
 from termbench.common import ENTRY_POINT, Row, cos, env_dims, markdown, nets_for
 from termbench.cost import peak_rss_bytes
-from termbench.plots import colour, legend_outside, pyplot, save_png
+from termbench.plots import legend_outside, pyplot, save_png, styles
 
 ROUNDS = (1, 2, 3, 5, 10)
 MODES = ("stored", "checkpointed")
@@ -344,6 +344,7 @@ def science_tables(rows: Sequence[Row]) -> str:
 def plot_science(rows: Sequence[Row], path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    style = styles()  # the line style is the meta-step
     for i, m in enumerate(sorted({r["meta_step"] for r in rows})):
         sub = [r for r in rows if r["meta_step"] == m]
         x = [r["R"] for r in sub]
@@ -351,10 +352,10 @@ def plot_science(rows: Sequence[Row], path: Path) -> Path:
         axes[0].semilogy(x, [r["norm_total"] for r in sub], ls, marker="o", color="k",
                          label=f"total, meta-step {m}")  # fmt: skip
         axes[0].semilogy(x, [r["norm_eq14"] or math.nan for r in sub], ls, marker=".",
-                         color=colour("eq14"), label=f"Eq 14, meta-step {m}")  # fmt: skip
+                         color=style.color("eq14"), label=f"Eq 14, meta-step {m}")  # fmt: skip
         for name in ("eq13", "eq17", "truncated-k32", "total-R1"):
-            axes[1].plot(x, [r[f"cos_{name}"] for r in sub], ls, marker="o", color=colour(name),
-                         label=f"{name}, meta-step {m}")  # fmt: skip
+            axes[1].plot(x, [r[f"cos_{name}"] for r in sub], ls, marker="o",
+                         color=style.color(name), label=f"{name}, meta-step {m}")  # fmt: skip
     axes[0].set_ylabel("norm of dL_out/deta")
     axes[1].set_ylabel("cosine with the R-round total")
     axes[1].axhline(0, color="k", lw=0.5)

@@ -23,7 +23,7 @@ from metagrad_rl.trainers.bilevel import (
 )
 from metagrad_rl.trainers.meta_grads import META_GRADS
 from termbench.common import BENCHMARKS, Budget, Row, markdown
-from termbench.plots import colour, legend_outside, pyplot, save_png
+from termbench.plots import legend_outside, pyplot, save_png, styles
 
 # =================================================================================================
 # 3. LEARNING: Figures 4, 5 and 6 from run directories
@@ -133,12 +133,13 @@ def plot_groups(
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 3.8), squeeze=False)
+    style = styles()  # by label: a series keeps its colour in every panel, no two share one
     for ax, (p, lines) in zip(axes[0], panels.items()):
         for g, lab in lines:
             curves = [c for c in (load_curve(r, metric) for r in groups[g]) if len(c[0])]
             if not curves:
                 continue
-            draw_mean_band(ax, curves, lab, colour(g))
+            draw_mean_band(ax, curves, lab, **style(lab, key=g))
         ax.set_title(p)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(metric.replace("_", " "))

@@ -1,35 +1,23 @@
-"""Shared plotting of the compare_terms benchmark: the figure writer, one colour per estimator."""
+"""Shared plotting of the benchmarks: the figure writer, a preferred colour per estimator and
+distinct styles per figure (:class:`metagrad_rl.plotting.SeriesStyles`)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from metagrad_rl.checkpoint import atomic_write_bytes
+from metagrad_rl.plotting import SeriesStyles, figure_bytes, legend_outside, pyplot
 from metagrad_rl.trainers.meta_grads import META_GRADS
 
+__all__ = ["SeriesStyles", "colour", "legend_outside", "pyplot", "save_png", "styles"]
 
-def save_png(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
-    """``fig`` as a PNG at ``path``, atomically (laid out within ``rect``, the whole figure by
-    default), then closed."""
-    import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.tight_layout(rect=rect)
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+def save_png(fig: Any, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, atomically (constrained layout: room for the legends
+    beside the axes, no layout warning), then closed."""
+    atomic_write_bytes(path, figure_bytes(fig, "png", dpi=100))
     return path
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 #: Names drawn in the benchmark's figures besides the registered estimators.
@@ -51,8 +39,7 @@ def colour(name: str) -> Any:
     return None if key is None else palette[names.index(key) % len(palette)]
 
 
-def legend_outside(ax: Any, fontsize: float = 8) -> None:
-    """The legend to the right of the axes, off the lines (none when nothing is labelled)."""
-    if not ax.get_legend_handles_labels()[0]:
-        return
-    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+def styles() -> SeriesStyles:
+    """A figure's series styles: each estimator's :func:`colour` where no other series of the
+    figure has it, else another, so that distinct series never share a colour and line style."""
+    return SeriesStyles(colour)

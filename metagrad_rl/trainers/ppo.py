@@ -123,8 +123,7 @@ class PPOConfig:
     stay on the CPU; small MuJoCo networks are usually fastest on the CPU)."""
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(self.hidden)
-        self.reward_hidden = tuple(self.reward_hidden)
+        C.check_fields(self)  # types first: a 64 for hidden is one line, not a traceback
         check_env_id(self.env)
         for name in ("total_steps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
             C.positive_int(name, getattr(self, name))

@@ -154,6 +154,7 @@ class Run:
     """The iteration at which the learning-rate annealing (re)started (:func:`lr_restart_of`)."""
     par: parallel.Parallel = field(default_factory=parallel.Parallel)
     start: float = field(default_factory=time.perf_counter)
+    """When this process opened the run (``wall_time`` adds the resumed checkpoint's)."""
     tensorboard: TensorBoard | None = None
     """The ``--tensorboard`` writer (rank 0 only), or ``None``."""
 
@@ -196,11 +197,16 @@ class Run:
     def checkpoint(self, payload: Mapping[str, Any]) -> None:
         """Writes ``checkpoint.pt`` atomically (algo and config are added); with several
         workers every worker calls it and rank 0 writes all workers' states."""
-        full = self.par.gather_checkpoint(
-            {"algo": self.algo, "config": C.to_dict(self.cfg), **payload}
-        )
+        meta = {"algo": self.algo, "config": C.to_dict(self.cfg), "wall_time_s": self.wall_time()}
+        full = self.par.gather_checkpoint({**meta, **payload})
         if full is not None:
             save_checkpoint(self.path / CHECKPOINT_FILE, full)
+
+    def wall_time(self) -> float:
+        """Seconds of training so far: this process's, plus those the resumed checkpoint had
+        counted (the time between a run's last checkpoint and its stop is not counted)."""
+        before = float(self.ckpt.get("wall_time_s", 0.0)) if self.ckpt is not None else 0.0
+        return before + time.perf_counter() - self.start
 
     def maybe_checkpoint(self, iteration: int, payload: Callable[[], Mapping[str, Any]]) -> None:
         """Checkpoints every ``checkpoint_every`` iterations (``payload`` is built only then)."""
@@ -226,7 +232,7 @@ class Run:
             "global_step": global_step,
             "finished": finished,
             "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
-            "wall_time_s": time.perf_counter() - self.start,
+            "wall_time_s": self.wall_time(),
         }
         if self.par.distributed:
             summary["num_workers"] = self.par.world_size
