@@ -115,4 +115,3 @@ def load_failure_reason(err: BaseException, limit: int = 120) -> str:
         return line
     cut = line[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:.")
     return cut + " ..."
-

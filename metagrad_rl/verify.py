@@ -244,11 +244,12 @@ def verify_meta_gradient(
         rtol: relative tolerance of every comparison.
         eps: gradcheck's finite-difference step; ``h``: the per-path step.
         directions: random directions per term (seeded by ``seed``).
-        sum_atol, sum_rtol: "the terms sum to the total" passes if the largest entry of
+        sum_atol: "the terms sum to the total" passes if the largest entry of
             ``eq11 + eq12 + eq13 + eq14 - total`` is at most ``sum_atol + sum_rtol * s``,
             ``s`` the largest entry of the total and of each term (so a loss scaled by
             ``1e8`` is judged as one of order 1, and terms that cancel are allowed their
             rounding error).
+        sum_rtol: the relative part of that tolerance.
         allow_graph_cuts: verify an optimizer with parts that leave the graph (see
             :func:`metagrad_rl.metagrad.meta_gradient`); it then fails, as it should.
         raise_on_failure: raise :class:`VerificationError` (the report's text) on failure.
