@@ -303,7 +303,10 @@ def analyse(runs: Sequence[dict[str, Any]], reps: int) -> dict[str, Any]:
         done = [
             r
             for r in runs
-            if r["env"] == env and r["finished"] and (seeds is None or r["seed"] in seeds)
+            if r["env"] == env
+            and r["rung"] in rungs
+            and r["finished"]
+            and (seeds is None or r["seed"] in seeds)
         ]
         if not any(r["rung"] not in ("ppo", "cln-eq17", "cln-rin0") for r in done) and seeds:
             continue  # a sweep with none of its own runs yet

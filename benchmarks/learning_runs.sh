@@ -5,13 +5,14 @@
 #   fig5 fig4; ladder: issue 15's Hopper-v5 ablation ladder -- ppo, cln-rin0 (r_in_coef 0: the
 #   conditioned architecture alone), cln-frozen (eta_lr 0: a fixed random reward), cln-eq17,
 #   lirpg; walker: ppo, cln-frozen, cln-eq17 on Walker2d-v5; rin-sweep: cln-eq17 on Hopper-v5
-#   with --r-in-coef in RIN_COEFS (default "0.01 0.03") on SWEEP_SEEDS (default "1 2 3")),
+#   with --r-in-coef in RIN_COEFS (default "0.01 0.03") on SWEEP_SEEDS (default "1 2 3");
+#   ladder-ln: PPO with --conditioning layernorm on SWEEP_SEEDS),
 #   ESTIMATORS (Figure 5's --meta-grad choices), FIG4_ALGOS (any of ppo lirpg cln-eq17),
 #   OUT (default runs/learning), BIN (the metagrad-rl command).
 # Each run is `metagrad-rl train ...` into $OUT/<name>; finished runs are skipped, so the
 # script can be re-run after an interruption (killed runs restart from their last checkpoint).
 # NICE (default 0) lowers the runs' priority so the machine stays usable. Issue 15's runs:
-#   SEEDS="1 2 3 4 5" RUN_GROUPS="ladder rin-sweep walker" OUT=../runs/issue15 NICE=10 \
+#   SEEDS="1 2 3 4 5" RUN_GROUPS="ladder rin-sweep ladder-ln walker" OUT=../runs/issue15 NICE=10 \
 #     bash benchmarks/learning_runs.sh 1000000 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,13 @@ mkdir -p "$OUT"
       echo "cln-frozen-$env-s$seed --algo cln --meta-grad eq17 --eta-lr 0 --env $env --seed $seed"
       echo "cln-eq17-$env-s$seed --algo cln --meta-grad eq17 --env $env --seed $seed"
       echo "lirpg-$env-s$seed --algo lirpg --env $env --seed $seed";;
+    esac
+    case " $RUN_GROUPS " in *" ladder-ln "*)
+      # the ladder's extra rung: PPO with a plain LayerNorm on its last hidden layer (what CLN
+      # conditions), on SWEEP_SEEDS
+      case " ${SWEEP_SEEDS:-1 2 3} " in *" $seed "*)
+        echo "ppo-ln-Hopper-v5-s$seed --algo ppo --conditioning layernorm --env Hopper-v5 --seed $seed";;
+      esac;;
     esac
     case " $RUN_GROUPS " in *" rin-sweep "*)
       # issue 15's follow-up: CLN eq17 with smaller intrinsic-reward weights (0.1 is the default,
