@@ -15,7 +15,7 @@ from torch import Tensor
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.optim import check_differentiable
 from metagrad_rl.pytree import BatchDict
-from metagrad_rl.recompute import check_checkpoint_every
+from metagrad_rl.recompute import check_checkpoint_every, check_second_order
 from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round
 
 
@@ -170,6 +170,7 @@ def check_start_inputs(
     checkpoint_every: Any,
     opt_state: Any,
     allow_graph_cuts: bool,
+    second_order: Any = "reverse",
 ) -> list[str]:
     """One :class:`ConfigError` for the first bad argument of :func:`start_meta_gradient`;
     returns the optimizer's graph cuts allowed by ``allow_graph_cuts``."""
@@ -179,6 +180,7 @@ def check_start_inputs(
     check_params("eta", eta, problem.eta_spec)
     check_truncate(truncate)
     check_checkpoint_every(checkpoint_every)
+    check_second_order(second_order, checkpoint_every)
     if opt_state is not None and not isinstance(opt_state, tuple):
         raise ConfigError(
             f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"

@@ -374,12 +374,14 @@ def start_meta_gradient(
     allow_graph_cuts: bool = False,
     truncate: int | None = None,
     checkpoint_every: int | str | None = None,
+    second_order: str = "reverse",
 ) -> PendingMetaGradient:
     """The first half of :func:`meta_gradient`: validate, check memory, unroll (the graph
     kept, or with ``checkpoint_every`` only the checkpoints of the recomputing pass)."""
     cuts = check_start_inputs(
-        problem, optimizer, theta, eta, truncate, checkpoint_every, opt_state, allow_graph_cuts
-    )
+        problem, optimizer, theta, eta, truncate, checkpoint_every, opt_state, allow_graph_cuts,
+        second_order,
+    )  # fmt: skip
     rounds = check_rounds(rounds)
     surrogate = check_surrogate(surrogate)
     check_unroll_memory(
@@ -406,7 +408,7 @@ def start_meta_gradient(
     if checkpoint_every is not None:
         res = forward_sweep(
             problem, optimizer, theta, paths, rounds, opt_state, surrogate, checkpoint_every,
-            **sweep_kw,
+            second_order=second_order, **sweep_kw,
         )  # fmt: skip
     else:
         with meter:
@@ -446,6 +448,7 @@ def meta_gradient(
     allow_graph_cuts: bool = False,
     truncate: int | None = None,
     checkpoint_every: int | str | None = None,
+    second_order: str = "reverse",
 ) -> MetaGradResult:
     """Exact ``dL_out/deta`` through ``len(rounds)`` unrolled policy rounds, term by term.
 
@@ -483,6 +486,12 @@ def meta_gradient(
             prepared data, and re-runs one segment at a time in the backward pass (memory
             ``k`` steps' graph plus the checkpoints, one more forward pass of time); ``"auto"``
             takes ``k ~ sqrt(steps)``. The same numbers (:mod:`metagrad_rl.recompute`).
+        second_order: how the checkpointed pass takes the inner loss's second-order products
+            in each recomputed segment: ``"reverse"`` (default; reverse-over-reverse, the
+            segment re-run with ``create_graph=True``) or ``"forward"`` (forward-over-reverse,
+            ``torch.func.jvp`` of the inner gradient, :mod:`metagrad_rl.mixed_mode`). The same
+            numbers; reverse is the faster on the trainer's rounds (``docs/results.md``).
+            ``"forward"`` needs ``checkpoint_every`` and one process.
 
     Raises:
         ConfigError: bad input, a graph-cutting optimizer, or a non-finite value; the message
@@ -507,5 +516,6 @@ def meta_gradient(
         allow_graph_cuts=allow_graph_cuts,
         truncate=truncate,
         checkpoint_every=checkpoint_every,
+        second_order=second_order,
     )
     return pending.finish(outer_batch, denominator=denominator)

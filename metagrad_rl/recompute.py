@@ -35,6 +35,15 @@ from torch import Tensor
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.memory import GraphMemoryMeter, tree_bytes
+from metagrad_rl.mixed_mode import (
+    OptimizerPullback,
+    _differentiable,
+    _leaf,
+    _vjp,
+    gradient_products,
+    inner_gradient,
+    optimizer_step,
+)
 from metagrad_rl.pytree import Params, detach, take
 from metagrad_rl.unroll import (
     EtaPaths,
@@ -51,6 +60,39 @@ from metagrad_rl.unroll import (
 
 #: Index of each path of ``eta`` in :class:`EtaPaths` (outer, policy, reward, early).
 OUTER, POLICY, REWARD, EARLY = range(4)
+
+#: How a recomputed segment gets the inner loss's second-order products (``second_order``):
+#: ``"reverse"`` re-runs it with ``create_graph=True`` and differentiates the gradients again
+#: (reverse-over-reverse, the default: faster on the trainer's Hopper rounds, see
+#: ``docs/results.md``); ``"forward"`` pulls each step back through the optimizer first order
+#: and takes the Hessian products by ``torch.func.jvp`` of the inner gradient
+#: (forward-over-reverse, :mod:`metagrad_rl.mixed_mode`). The same numbers.
+SECOND_ORDER = ("reverse", "forward")
+
+
+def check_second_order(second_order: Any, checkpoint_every: Any) -> None:
+    """``"reverse"`` or ``"forward"``; ``"forward"`` needs the checkpointed pass, one process."""
+    if second_order not in SECOND_ORDER:
+        raise ConfigError(
+            f"second_order={second_order!r} is invalid: expected 'reverse' (reverse-over-reverse "
+            "Hessian products in each recomputed segment) or 'forward' (forward-over-reverse: "
+            "torch.func.jvp of the inner gradient)"
+        )
+    if second_order == "reverse":
+        return
+    if checkpoint_every is None:
+        raise ConfigError(
+            "second_order='forward' needs checkpoint_every (the checkpointed reverse pass); "
+            "the stored graph is differentiated reverse-over-reverse: pass "
+            "checkpoint_every='auto' or leave second_order='reverse'"
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise ConfigError(
+                "second_order='forward' does not support data-parallel workers (a process "
+                "group of more than one): the inner loss's collectives do not run under "
+                "torch.func.jvp; use second_order='reverse'"
+            )
 
 
 def check_checkpoint_every(checkpoint_every: Any) -> None:
@@ -110,6 +152,10 @@ class Checkpointed:
     theta: Params
     opt_state: Any
     round_starts: list[Params]
+    #: Per round, the names of ``prepare``'s outputs that carry a derivative (to ``theta_k``
+    #: or ``eta``); the forward-over-reverse pullback differentiates only with respect to them.
+    graph_keys: list[list[str]] = field(default_factory=list)
+    second_order: str = "reverse"
     saw_zero_gradient: bool = False
     checkpoint_bytes: int = 0
     segment_graph_bytes: list[int] = field(default_factory=list)
@@ -153,6 +199,9 @@ class Checkpointed:
 
     def _reverse_segment(self, seg: Segment, cts: list[_Adjoint], measure: bool) -> None:
         """Re-run ``seg`` with its graph; pull every adjoint back to the segment's start."""
+        if self.second_order == "forward":
+            self._reverse_segment_forward(seg, cts, measure)
+            return
         x0 = _leaves(seg.x)
         s_leaves, spec = torchopt.pytree.tree_flatten(seg.state)
         s0 = [_leaf(t) for t in s_leaves]
@@ -193,6 +242,39 @@ class Checkpointed:
             ct.add_data(seg.r, {k: gs[i + n] for n, (k, _) in enumerate(in_d)})
             i += len(in_d)
             ct.add_eta(eta_in, gs[i:])
+
+    def _reverse_segment_forward(self, seg: Segment, cts: list[_Adjoint], measure: bool) -> None:
+        """``seg`` in mixed mode: re-run it without a graph keeping each step's parameters,
+        state and gradient, then pull the adjoints back step by step, last to first: through
+        the optimizer first order, through the gradient by ``jvp(grad)``
+        (:mod:`metagrad_rl.mixed_mode`)."""
+        d0 = self.data[seg.r]
+        pol, _ = self.round_paths(seg.r)
+        eta_pol = self.paths[pol]
+        eta_c = detach(eta_pol)
+        rnd = self.rounds[seg.r]
+        view = None if self.layout is None else _flat_view(self.layout)
+        steps = []
+        x, state = seg.x, seg.state
+        for j in range(seg.j0, seg.j0 + seg.n):
+            g = inner_gradient(self.problem, x, take(d0, rnd.minibatches[j]), eta_c, view)
+            steps.append((j, x, state, g))
+            x, state = optimizer_step(self.tx, x, state, g)
+            x, state = detach(x), _detach_tree(state)
+        if measure:
+            self.segment_graph_bytes.append(tree_bytes([s[1:] for s in steps]))
+        eta_in = _unique([(pol, eta_pol)])
+        wrt = self.graph_keys[seg.r]
+        for j, x, state, g in reversed(steps):
+            opt = OptimizerPullback(self.tx, x, state, g)
+            for c, ct in enumerate(cts):
+                a_g, a_x, ct.gstate = opt.pull(ct.gx, ct.gstate, retain_graph=c < len(cts) - 1)
+                h_x, h_eta, h_d = gradient_products(
+                    self.problem, x, eta_c, d0, wrt, rnd.minibatches[j], a_g, view
+                )
+                ct.gx = {k: a_x[k] + h_x[k] for k in a_x}
+                ct.add_data(seg.r, h_d)
+                ct.add_eta(eta_in, [h_eta[name] for _, name, _ in eta_in])
 
     def _reverse_prepare(self, r: int, cts: list[_Adjoint]) -> None:
         """At round ``r``'s start: the prepared data's adjoint back to ``theta_k`` and ``eta``;
@@ -286,22 +368,6 @@ def _unique(groups: list[tuple[int, Params]]) -> list[tuple[int, str, Tensor]]:
     return out
 
 
-def _vjp(
-    pairs: Sequence[tuple[Tensor, Tensor]], inputs: list[Tensor], retain_graph: bool
-) -> list[Tensor]:
-    """``sum_i <cotangent_i, d output_i / d input>`` for each input (zeros where unused)."""
-    if not pairs or not inputs:
-        return [torch.zeros_like(t) for t in inputs]
-    raw = torch.autograd.grad(
-        [o for o, _ in pairs],
-        inputs,
-        grad_outputs=[g for _, g in pairs],
-        allow_unused=True,
-        retain_graph=retain_graph,
-    )
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(raw, inputs)]
-
-
 def _grad_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     if not inputs:
         return []
@@ -313,14 +379,6 @@ def _grad_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 
 def _zeros(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
-
-
-def _differentiable(t: Any) -> bool:
-    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
-
-
-def _leaf(t: Any) -> Any:
-    return t.detach().requires_grad_(True) if _differentiable(t) else t
 
 
 def _leaves(params: Mapping[str, Tensor]) -> Params:
@@ -342,12 +400,15 @@ def forward_sweep(
     checkpoint_every: int | str,
     flat_params: bool = True,
     truncate: int | None = None,
+    second_order: str = "reverse",
 ) -> Checkpointed:
     """The unroll's values with a checkpoint every ``k`` inner steps and at each round start.
 
     Each step runs on detached inputs (its graph is freed at once); the values are those of
     :func:`~metagrad_rl.unroll.unroll` (the same operations; ``prepare`` runs on the graph and
     is detached, so it takes the same code path as in the stored-graph unroll).
+    ``second_order`` is how the reverse pass will take the Hessian products
+    (:data:`SECOND_ORDER`).
     """
     layout = FlatLayout(theta) if flat_params else None
     sweep = _Sweep(problem, tx, paths, rounds, surrogate, layout, checkpoint_every, truncate)
@@ -373,6 +434,8 @@ def forward_sweep(
         theta=unflat(x),
         opt_state=state if layout is None else layout.unflatten_state(state),
         round_starts=[unflat(s_) for s_ in sweep.starts_x],
+        graph_keys=sweep.graph_keys,
+        second_order=second_order,
         saw_zero_gradient=saw_zero,
         checkpoint_bytes=ck_bytes,
     )
@@ -415,6 +478,7 @@ class _Sweep:
         self.data: list[dict[str, Tensor]] = []
         self.starts_x: list[Params] = []
         self.in_window: list[bool] = []
+        self.graph_keys: list[list[str]] = []
         self.trace = StepTrace()
         self.s = 0  # inner steps done, over all rounds
 
@@ -436,6 +500,7 @@ class _Sweep:
         theta_k = xk if self.view is None else self.view(xk)
         data = prepare_round(self.problem, rnd.batch, theta_k, eta_pol, eta_rew, self.surrogate)
         check_prepared(data, r, rnd)
+        self.graph_keys.append([k for k, v in data.items() if v.requires_grad])
         data = {k: v.detach() for k, v in data.items()}
         self.data.append(data)
         eta_values = detach(eta_pol)

@@ -231,6 +231,7 @@ def verify_meta_gradient(
     raise_on_failure: bool = False,
     truncate: int | None = None,
     checkpoint_every: int | str | None = None,
+    second_order: str = "reverse",
 ) -> VerificationReport:
     """Verify the total meta-gradient and each of Eq 11-14 against finite differences.
 
@@ -259,6 +260,7 @@ def verify_meta_gradient(
         checkpoint_every: compute the meta-gradient under test by the checkpointed reverse
             pass (:func:`metagrad_rl.metagrad.meta_gradient`); the finite differences are the
             same.
+        second_order: ``"reverse"`` or ``"forward"``: how that pass takes its Hessian products.
     """
     outer_batch = check_outer_batch(outer_batch)
     _check_float64(theta, eta, outer_batch)
@@ -267,7 +269,12 @@ def verify_meta_gradient(
     kw: dict[str, Any] = dict(
         opt_state=opt_state, surrogate=surrogate, denominator=denominator, truncate=truncate
     )
-    mg_kw = dict(kw, allow_graph_cuts=allow_graph_cuts, checkpoint_every=checkpoint_every)
+    mg_kw = dict(
+        kw,
+        allow_graph_cuts=allow_graph_cuts,
+        checkpoint_every=checkpoint_every,
+        second_order=second_order,
+    )
     split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **mg_kw)
     whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **mg_kw)
     total = flatten(whole.total)

@@ -26,7 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1]
 ENTRY_POINT = BENCHMARKS / "compare_terms.py"
 SECTIONS = ("accuracy", "cost", "learning", "bias")
 #: Sections run only when named in ``--sections`` (longer than the default's 5-minute budget).
-OPT_IN_SECTIONS = ("accuracy-cost", "horizon", "horizon-science")
+OPT_IN_SECTIONS = ("accuracy-cost", "horizon", "horizon-science", "mixed-mode")
 GIB = 1024**3
 Row = dict[str, Any]
 

@@ -45,6 +45,13 @@ from termbench.plots import legend_outside, pyplot, save_png, styles
 
 ROUNDS = (1, 2, 3, 5, 10)
 MODES = ("stored", "checkpointed")
+#: What each probe mode passes to ``meta_gradient`` ("forward": the checkpointed pass with
+#: forward-over-reverse Hessian products, section ``mixed-mode``).
+MODE_KW: dict[str, dict[str, Any]] = {
+    "stored": dict(checkpoint_every=None),
+    "checkpointed": dict(checkpoint_every="auto"),
+    "forward": dict(checkpoint_every="auto", second_order="forward"),
+}
 GIB = 1024**3
 
 
@@ -153,10 +160,7 @@ def probe_main(path: str, n_rounds: int, mode: str, out: str) -> Row:
     _warm_up(s)  # one-time costs (libraries, thread pools, allocator) outside the measurement
     base = peak_rss_bytes()
     t0 = time.perf_counter()
-    res = s.meta_gradient(
-        n_rounds, checkpoint_every=None if mode == "stored" else "auto",
-        memory_budget_bytes=64 * GIB,
-    )  # fmt: skip
+    res = s.meta_gradient(n_rounds, memory_budget_bytes=64 * GIB, **MODE_KW[mode])
     wall = time.perf_counter() - t0
     peak = peak_rss_bytes()
     torch.save({n: getattr(res, n) for n in (*TERMS, "total")}, out)
@@ -167,12 +171,11 @@ def probe_main(path: str, n_rounds: int, mode: str, out: str) -> Row:
 def _warm_up(s: Stored) -> None:
     theta, state, rounds = s.last(1)
     short = [Round(rounds[0].batch, list(rounds[0].minibatches)[:2])]
-    for mode in (None, 1):
-        meta_gradient(s.problem, s.tx, theta, s.eta, short, s.outer, opt_state=state,
-                      checkpoint_every=mode)  # fmt: skip
+    for kw in MODE_KW.values():
+        meta_gradient(s.problem, s.tx, theta, s.eta, short, s.outer, opt_state=state, **kw)
 
 
-def _probe(path: Path, n_rounds: int, mode: str, tmp: Path) -> Row:
+def run_probe(path: Path, n_rounds: int, mode: str, tmp: Path) -> Row:
     res_file = tmp / f"res_R{n_rounds}_{mode}.pt"
     cmd = [sys.executable, str(ENTRY_POINT), "--probe-horizon", str(path), "--probe-rounds",
            str(n_rounds), "--probe-mode", mode, "--probe-out", str(res_file)]  # fmt: skip
@@ -195,7 +198,7 @@ def run_horizon(
     s = Stored(path)
     rows = []
     for r in tqdm(rounds, desc="horizon: R", disable=not progress):
-        got = {m: _probe(path, r, m, out) for m in MODES}
+        got = {m: run_probe(path, r, m, out) for m in MODES}
         theta, state, rnds = s.last(r)
         est = estimate_unroll_bytes(
             s.problem, s.tx, theta, s.eta, rnds, state, InnerSurrogate(s.cfg.surrogate)

@@ -28,6 +28,7 @@ from termbench.horizon import (
     probe_main as horizon_probe,
 )
 from termbench.learning import learning_tables, run_learning
+from termbench.mixed_mode import mixed_mode_table, run_mixed_mode
 
 
 # =================================================================================================
@@ -124,6 +125,13 @@ def section_horizon_science(
     print(science_tables(rows))
 
 
+def section_mixed_mode(args: argparse.Namespace, budget: Budget, out: Path, progress: bool) -> None:
+    rows, meta = run_mixed_mode(out / "mixed_mode", seed=args.seed, progress=progress)
+    write_rows(out, "mixed_mode", rows, meta)
+    print("\n## Mixed mode: reverse-over-reverse against forward-over-reverse in the segments\n")
+    print(mixed_mode_table(rows, meta))
+
+
 #: Section name -> its runner, in the order they run.
 RUNNERS: dict[str, Callable[[argparse.Namespace, Budget, Path, bool], None]] = {
     "accuracy": section_accuracy,
@@ -133,6 +141,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Budget, Path, bool], None]] = {
     "bias": section_bias,
     "horizon": section_horizon,
     "horizon-science": section_horizon_science,
+    "mixed-mode": section_mixed_mode,
 }
 
 
@@ -154,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{','.join(SECTIONS)}; accuracy-cost is benchmarks/accuracy_cost.py: truncated and "
         "partial estimators, accuracy against cost; horizon: stored against checkpointed "
         "reverse pass through R = 1..10 Hopper rounds; horizon-science: the terms over R = "
-        "1..10 rounds at three points of a 100k-step run)",
+        "1..10 rounds at three points of a 100k-step run; mixed-mode: reverse-over-reverse against "
+        "forward-over-reverse Hessian products in the checkpointed pass, R = 1 and 3, reusing "
+        "a rounds_meta*.pt file placed in OUT/mixed_mode)",
     )
     p.add_argument(
         "--runs",
