@@ -42,6 +42,7 @@ from termbench.plots import pyplot, save_png
 
 from metagrad_rl.checkpoint import atomic_write_json
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.rundir import read_csv
 
 #: The rungs per task, in ladder order (each changes one thing from the one before it).
 RUNGS: dict[str, tuple[str, ...]] = {
@@ -206,13 +207,10 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def _progress_facts(d: Path) -> dict[str, Any]:
-    import csv
-
     p = d / "progress.csv"
     if not p.is_file():
         return {"last_step": 0}
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(p)
     if not rows:
         return {"last_step": 0}
     last = rows[-1]
@@ -237,8 +235,6 @@ def _reward_mix(d: Path) -> dict[str, Any]:
     the last 20 iterations, times the final scale); ``in_std_per_step``: ``r_in_coef`` times
     the batch std of ``r_in`` over the same iterations (0 for PPO and ``r_in_coef = 0``).
     """
-    import csv
-
     import torch
 
     cfg = json.loads((d / "config.json").read_text())["config"]
@@ -247,8 +243,7 @@ def _reward_mix(d: Path) -> dict[str, Any]:
         return {}
     rs = torch.load(ckpt, map_location="cpu", weights_only=False)["collector"]["rew_scaler"]
     scale = 1.0 / math.sqrt(float(rs["rms"]["var"]) + 1e-8)
-    with open(d / "progress.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("episodic_length")][-20:]
+    rows = [r for r in read_csv(d / "progress.csv") if r.get("episodic_length")][-20:]
     if not rows:
         return {"reward_scale": scale}
     raw = np.mean([float(r["episodic_return"]) / float(r["episodic_length"]) for r in rows])
@@ -297,17 +292,27 @@ def binned_curve(d: Path, edges: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ report
+def finished_runs(
+    runs: Sequence[dict[str, Any]],
+    env: str,
+    rungs: Sequence[str],
+    seeds: Sequence[int] | None,
+) -> list[dict[str, Any]]:
+    """The finished runs of ``rungs`` on ``env`` (of ``seeds`` only, when given)."""
+    return [
+        r
+        for r in runs
+        if r["env"] == env
+        and r["rung"] in rungs
+        and r["finished"]
+        and (seeds is None or r["seed"] in seeds)
+    ]
+
+
 def analyse(runs: Sequence[dict[str, Any]], reps: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for title, env, rungs, seeds in GROUPS:
-        done = [
-            r
-            for r in runs
-            if r["env"] == env
-            and r["rung"] in rungs
-            and r["finished"]
-            and (seeds is None or r["seed"] in seeds)
-        ]
+        done = finished_runs(runs, env, rungs, seeds)
         if not any(r["rung"] not in ("ppo", "cln-eq17", "cln-rin0") for r in done) and seeds:
             continue  # a sweep with none of its own runs yet
         task: dict[str, Any] = {"metrics": {}, "comparisons": {}}
@@ -390,6 +395,82 @@ def plot_curves(bands: Mapping[str, Any], edges: np.ndarray, path: Path) -> None
     save_png(fig, path)
 
 
+RUN_COLUMNS = (
+    "env", "rung", "seed", "finished", "last_step", "train20", "eval10", "eval10_std",
+    "final_episode_length", "final_entropy", "stopped_on_nan_before_fix",
+    "meta_steps_skipped", "max_meta_grad_norm", "reward_scale", "ex_per_step",
+    "in_std_per_step", "wall_time_s",
+)  # fmt: skip
+
+
+def load_runs(root: Path, episodes: int) -> list[dict[str, Any]]:
+    """The runs under ``root``, the finished ones with their deterministic evaluation."""
+    runs = find_runs(root)
+    if not runs:
+        raise ConfigError(f"no <rung>-<env>-s<seed> runs under {str(root)!r}")
+    if not any(r["finished"] for r in runs):
+        raise ConfigError(f"no run under {str(root)!r} has finished (no summary.json)")
+    for r in runs:
+        if r["finished"]:
+            ev = deterministic_eval(r, episodes)
+            r["eval10"], r["eval10_std"] = float(np.mean(ev)), float(np.std(ev))
+    return runs
+
+
+def learning_curves(
+    runs: Sequence[dict[str, Any]], report: Mapping[str, Any], edges: np.ndarray, reps: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per report group and rung (two finished seeds or more): the IQM curve with its bands,
+    and the same as CSV rows."""
+    bands: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for title, env, rungs, seeds in GROUPS:
+        if title not in report:
+            continue
+        per = {}
+        for g in rungs:
+            done = finished_runs(runs, env, (g,), seeds)
+            if len(done) < 2:
+                continue
+            c = np.stack([binned_curve(r["dir"], edges) for r in done])
+            c = np.where(np.isnan(c), np.nanmean(c, axis=0, keepdims=True), c)
+            point, ci = curve_bands({g: c}, reps=reps)[g]
+            per[g] = (point, ci, len(done))
+            rows += [
+                {"group": title, "rung": g, "step": int(edges[i + 1]), "iqm": point[i],
+                 "ci_low": ci[0, i], "ci_high": ci[1, i], "n": len(done)}
+                for i in range(len(point))
+            ]  # fmt: skip
+        if per:
+            bands[title] = per
+    return bands, rows
+
+
+def write_outputs(
+    runs: Sequence[dict[str, Any]], report: Mapping[str, Any], out: Path, bin_steps: int, reps: int
+) -> None:
+    data, img = out / "data", out / "img"
+    write_rows(data, "ladder_runs", [{k: r.get(k, "") for k in RUN_COLUMNS} for r in runs])
+    flat = [
+        {"group": title, "metric": m, "rung": g, **a}
+        for title, t in report.items()
+        for m, aggs in t["metrics"].items()
+        for g, a in aggs.items()
+    ]
+    write_rows(data, "ladder_stats", flat, {"report": report, "metrics": METRICS})
+    end = max(r["last_step"] for r in runs if r["finished"])
+    edges = np.append(np.arange(0, end, bin_steps, dtype=np.float64), float(end))
+    bands, curve_rows = learning_curves(runs, report, edges, min(reps, 2_000))
+    write_rows(data, "ladder_curves", curve_rows)
+    img.mkdir(parents=True, exist_ok=True)
+    plot_final(report, img / "ladder_final.png")
+    plot_curves(bands, edges, img / "ladder_curves.png")
+    print(
+        f"\nwrote {data}/ladder_runs.csv, ladder_stats.csv/json, ladder_curves.csv; "
+        f"{img}/ladder_final.png, ladder_curves.png"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, required=True, help="the run root (e.g. ../runs/issue15)")
@@ -399,71 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bin", type=int, default=50_000, help="learning-curve bin (steps)")
     args = ap.parse_args(argv)
     try:
-        runs = find_runs(args.runs)
-        if not runs:
-            raise ConfigError(f"no <rung>-<env>-s<seed> runs under {str(args.runs)!r}")
-        if not any(r["finished"] for r in runs):
-            raise ConfigError(f"no run under {str(args.runs)!r} has finished (no summary.json)")
-        for r in runs:
-            if r["finished"]:
-                ev = deterministic_eval(r, args.eval_episodes)
-                r["eval10"], r["eval10_std"] = float(np.mean(ev)), float(np.std(ev))
+        runs = load_runs(args.runs, args.eval_episodes)
         report = analyse(runs, args.reps)
     except ConfigError as err:
         print(f"ladder_stats: error: {err}", file=sys.stderr)
         return 2
     print_report(report)
-    data, img = args.out / "data", args.out / "img"
-    keys = (
-        "env", "rung", "seed", "finished", "last_step", "train20", "eval10", "eval10_std",
-        "final_episode_length", "final_entropy", "stopped_on_nan_before_fix",
-        "meta_steps_skipped", "max_meta_grad_norm", "reward_scale", "ex_per_step",
-        "in_std_per_step", "wall_time_s",
-    )  # fmt: skip
-    write_rows(data, "ladder_runs", [{k: r.get(k, "") for k in keys} for r in runs])
-    flat = [
-        {"group": title, "metric": m, "rung": g, **{k: v for k, v in a.items()}}
-        for title, t in report.items()
-        for m, aggs in t["metrics"].items()
-        for g, a in aggs.items()
-    ]
-    write_rows(data, "ladder_stats", flat, {"report": report, "metrics": METRICS})
-    end = max(r["last_step"] for r in runs if r["finished"])
-    edges = np.append(np.arange(0, end, args.bin, dtype=np.float64), float(end))
-    bands: dict[str, Any] = {}
-    curve_rows = []
-    for title, env, rungs, seeds in GROUPS:
-        if title not in report:
-            continue
-        per = {}
-        for g in rungs:
-            done = [
-                r
-                for r in runs
-                if r["env"] == env and r["rung"] == g and r["finished"]
-                and (seeds is None or r["seed"] in seeds)
-            ]  # fmt: skip
-            if len(done) < 2:
-                continue
-            c = np.stack([binned_curve(r["dir"], edges) for r in done])
-            c = np.where(np.isnan(c), np.nanmean(c, axis=0, keepdims=True), c)
-            point, ci = curve_bands({g: c}, reps=min(args.reps, 2_000))[g]
-            per[g] = (point, ci, len(done))
-            curve_rows += [
-                {"group": title, "rung": g, "step": int(edges[i + 1]), "iqm": point[i],
-                 "ci_low": ci[0, i], "ci_high": ci[1, i], "n": len(done)}
-                for i in range(len(point))
-            ]  # fmt: skip
-        if per:
-            bands[title] = per
-    write_rows(data, "ladder_curves", curve_rows)
-    img.mkdir(parents=True, exist_ok=True)
-    plot_final(report, img / "ladder_final.png")
-    plot_curves(bands, edges, img / "ladder_curves.png")
-    print(
-        f"\nwrote {data}/ladder_runs.csv, ladder_stats.csv/json, ladder_curves.csv; "
-        f"{img}/ladder_final.png, ladder_curves.png"
-    )
+    write_outputs(runs, report, args.out, args.bin, args.reps)
     return 0
 
 
