@@ -74,7 +74,7 @@ def build_parser(algo: str = DEFAULT_ALGO) -> argparse.ArgumentParser:
 
 def _add_train(sub: Any, algo: str) -> None:
     """``train``: run-directory flags, workers, and the flags of ``algo``'s config."""
-    from metagrad_rl.trainers import ALGOS
+    from metagrad_rl.trainers import ALGOS, launch
 
     algos = "; ".join(f"{k}: {a.help}" for k, a in sorted(ALGOS.items()))
     train = sub.add_parser(
@@ -113,31 +113,9 @@ def _add_train(sub: Any, algo: str) -> None:
         "given on the command line win",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_worker_flags(train)
+    launch.add_worker_flags(train)
     add_config_args(train, ALGOS[algo if algo in ALGOS else DEFAULT_ALGO].config_cls)
     train.set_defaults(func=cmd_train)
-
-
-def _add_worker_flags(train: argparse.ArgumentParser) -> None:
-    """Data-parallel workers (:mod:`metagrad_rl.trainers.parallel`)."""
-    train.add_argument(
-        "--nproc",
-        type=int,
-        default=None,
-        metavar="N",
-        help="run N data-parallel workers on this machine (what `torchrun --standalone "
-        "--nproc-per-node N -m metagrad_rl train ...` starts): each its own envs and seed, "
-        "gradients and statistics averaged; --num-steps and --total-steps count one worker's "
-        "steps (default: 1; with --resume, as many as the resumed run had)",
-    )
-    train.add_argument(
-        "--worker-timeout",
-        type=float,
-        default=120.0,
-        metavar="S",
-        help="with several workers: seconds to wait for a worker that died or hangs before "
-        "stopping with one error line (default: %(default)s)",
-    )
 
 
 def _add_plot(sub: Any) -> None:
@@ -280,44 +258,20 @@ def rounding_note(config: Any) -> str | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
-
     from metagrad_rl.distributed import init_workers
-    from metagrad_rl.trainers import parallel
+    from metagrad_rl.trainers import launch
+    from metagrad_rl.trainers.rollout_workers import rollout_workers
 
-    if args.nproc is None:
-        args.nproc = _resumed_workers(args) if args.resume and "WORLD_SIZE" not in os.environ else 1
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc={args.nproc} is invalid: expected a positive int")
-    if not args.worker_timeout > 0:
-        raise ConfigError(f"--worker-timeout={args.worker_timeout} is invalid: expected > 0")
-    if args.nproc > 1 and "WORLD_SIZE" in os.environ:
-        raise ConfigError(
-            f"--nproc={args.nproc} starts workers itself: under torchrun (WORLD_SIZE is set) "
-            "leave it out and give torchrun --nproc-per-node instead"
-        )
-    if args.nproc > 1:
+    nproc, mode = launch.workers_of(args)
+    if nproc > 1 and mode == "allreduce":
         make_train_config(args)  # bad input: one line here, not one per worker
-        argv = parallel.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
-        return parallel.launch_local(args.nproc, argv, args.worker_timeout)
+        argv = launch.without_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc")
+        return launch.launch_local(nproc, argv, args.worker_timeout)
     device = str(getattr(args, "device", None) or "cpu")
     C.torch_device("device", device)  # one line before any process group is joined
-    with init_workers(device, timeout_s=args.worker_timeout) as w:
-        return _train_worker(args, w.is_main)
-
-
-def _resumed_workers(args: argparse.Namespace) -> int:
-    """How many workers wrote the checkpoint ``--resume`` continues (1 when there is none
-    yet: the resume then fails with its own one-line error)."""
-    from metagrad_rl.checkpoint import load_checkpoint
-    from metagrad_rl.rundir import resume_checkpoint
-    from metagrad_rl.trainers.parallel import NUM_WORKERS_KEY
-
-    try:
-        path = resume_checkpoint(args.out)
-    except ConfigError:
-        return 1
-    return int(load_checkpoint(path).get(NUM_WORKERS_KEY, 1))
+    with rollout_workers(nproc, args.worker_timeout):
+        with init_workers(device, timeout_s=args.worker_timeout) as w:
+            return _train_worker(args, w.is_main)
 
 
 class _ProgressReport:

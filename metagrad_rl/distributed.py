@@ -268,7 +268,7 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     return Moments(np.asarray(mean, dtype=np.float64), np.asarray(m2 / n, dtype=np.float64), n)
 
 
-def _new_since(now: Moments, since: Moments) -> Moments:
+def new_since(now: Moments, since: Moments) -> Moments:
     """The moments of what was added to ``since`` to give ``now`` (the merge, undone)."""
     n_new = now.n - since.n
     if n_new <= 0:
@@ -293,7 +293,7 @@ def combine_running_stats(rms: Any, since: Moments, group: Group = None) -> Mome
     """
     now = moments_of(rms)
     if is_distributed(group):
-        new = _new_since(now, since)
+        new = new_since(now, since)
         shape = now.mean.shape
         vec = torch.from_numpy(
             np.concatenate([[new.n], new.mean.reshape(-1), new.var.reshape(-1)])

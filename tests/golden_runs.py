@@ -38,7 +38,7 @@ RUNS: dict[str, str] = {
     "cln-eq17": "--algo cln --meta-grad eq17",
     "cln-exact": "--algo cln --meta-grad exact",
     "lirpg": "--algo lirpg --ent-coef 0.01",
-    "cln-exact-2workers": "--algo cln --meta-grad exact --nproc 2",
+    "cln-exact-2workers": "--algo cln --meta-grad exact --nproc 2 --parallel allreduce",
     "cln-three-term": "--algo cln --meta-grad three-term",
     "cln-sampling-aware-2envs": "--algo cln --meta-grad sampling-aware --num-envs 2",
     "lirpg-dice": "--algo lirpg --meta-grad dice",

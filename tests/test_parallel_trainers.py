@@ -229,7 +229,7 @@ def test_cli_worker_flags_bad_input_is_one_line(capsys, monkeypatch, tmp_path, a
 
 
 def test_nproc_is_left_out_of_the_workers_command_line():
-    from metagrad_rl.trainers.parallel import without_flag
+    from metagrad_rl.trainers.launch import without_flag
 
     argv = ["train", "--nproc", "2", "--out", "x", "--nproc=3", "--seed", "1"]
     assert without_flag(argv, "--nproc") == ["train", "--out", "x", "--seed", "1"]

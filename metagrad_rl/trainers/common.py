@@ -167,13 +167,17 @@ class Minibatch(NamedTuple):
 
 
 class PPOCoefs(NamedTuple):
-    """Loss coefficients (CleanRL names): clip, clipped value loss, entropy, value, adv norm."""
+    """Loss coefficients (CleanRL names): clip, clipped value loss, entropy, value, adv norm;
+    ``norm_groups``: the advantages of a minibatch are normalised in this many equal,
+    contiguous parts (a rollout learner's minibatch holds one part per worker, each of which
+    the all-reduce mode's worker would normalise on its own)."""
 
     clip_coef: float = 0.2
     clip_vloss: bool = True
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     norm_adv: bool = True
+    norm_groups: int = 1
 
 
 def ppo_loss(
@@ -191,7 +195,9 @@ def ppo_loss(
     diagnostics (``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clip_frac``).
     """
     logp = policy.log_prob(theta, mb.obs, mb.act, cond)
-    adv = normalize(mb.adv) if coefs.norm_adv else mb.adv
+    adv = mb.adv
+    if coefs.norm_adv:
+        adv = normalize(adv) if coefs.norm_groups == 1 else normalize_parts(adv, coefs.norm_groups)
     pg_loss = clipped_surrogate_loss(logp, mb.old_logp, adv, coefs.clip_coef)
     values = critic_values(critic, critic_params, mb.obs)
     v_clip = coefs.clip_coef if coefs.clip_vloss else None
@@ -207,6 +213,13 @@ def ppo_loss(
         "clip_frac": stats.clip_fraction,
     }
     return loss, aux
+
+
+def normalize_parts(x: Tensor, parts: int) -> Tensor:
+    """:func:`~metagrad_rl.advantages.normalize` of each of ``parts`` equal slices of ``x``."""
+    if x.numel() % parts:
+        raise ConfigError(f"{x.numel()} advantages do not split into {parts} equal parts")
+    return torch.cat([normalize(c) for c in x.chunk(parts)])
 
 
 def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:

@@ -62,6 +62,13 @@ PER_RANK_KEYS = ("collector", "update_gen", "torch_rng", "pending")
 WORKERS_KEY = "workers"
 #: Checkpoint entry: the number of workers the run was trained with (absent: 1).
 NUM_WORKERS_KEY = "num_workers"
+#: Checkpoint entry: how its workers were run, "allreduce" or "rollout" (absent: "allreduce").
+MODE_KEY = "parallel"
+#: The ways to run ``N`` workers: ``N`` trainers meeting at an all-reduce in every minibatch
+#: step, or ``N`` rollout workers feeding one learner (:mod:`.rollout_workers`).
+MODES = ("rollout", "allreduce")
+
+_factory: Callable[[], Parallel] | None = None
 
 
 class PeerConfigError(ConfigError):
@@ -102,6 +109,11 @@ def _average_plain() -> torchopt.base.GradientTransformation:
     return torchopt.base.GradientTransformation(init_fn, update_fn)
 
 
+def minibatch_generator(seed: int) -> torch.Generator:
+    """The minibatch-order generator of a worker seeded ``seed`` (both trainers)."""
+    return torch.Generator().manual_seed(seed + 2_000_003)
+
+
 def _fresh_moments(rms: Any) -> Moments:
     fresh = RunningMeanStd(np.shape(rms.mean))
     return Moments(fresh.mean.copy(), fresh.var.copy(), float(fresh.count))
@@ -120,6 +132,22 @@ class Parallel:
         return self.world_size > 1
 
     @property
+    def num_workers(self) -> int:
+        """The workers whose data make one update (the all-reduce mode's world size)."""
+        return self.world_size
+
+    @property
+    def mode(self) -> str:
+        """``"allreduce"`` (with one process too) or ``"rollout"`` (:data:`MODES`)."""
+        return "allreduce"
+
+    @property
+    def norm_groups(self) -> int:
+        """PPO normalises a minibatch's advantages in this many equal parts (one per worker
+        whose samples it holds): 1 here, where each worker holds its own minibatch."""
+        return 1
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the worker that writes files and reports progress."""
         return self.rank == 0
@@ -128,6 +156,26 @@ class Parallel:
     def seed(self, seed: int) -> int:
         """This worker's seed of envs, action noise and minibatch order (rank 0: ``seed``)."""
         return worker_seed(seed, self.rank)
+
+    def make_collector(self, cfg: Any) -> Any:
+        """This worker's envs and normalisers (:func:`~metagrad_rl.trainers.common.collector_for`
+        with :meth:`seed`)."""
+        from metagrad_rl.trainers.common import collector_for
+
+        return collector_for(cfg, self.seed(cfg.seed))
+
+    def update_generator(self, seed: int) -> torch.Generator:
+        """This worker's minibatch-order generator (:func:`minibatch_generator`)."""
+        return minibatch_generator(self.seed(seed))
+
+    def schedule(
+        self, n: int, epochs: int, num_minibatches: int, gen: torch.Generator
+    ) -> list[Tensor]:
+        """A round's minibatch order over this worker's ``n`` samples
+        (:func:`~metagrad_rl.unroll.minibatch_indices`)."""
+        from metagrad_rl.unroll import minibatch_indices
+
+        return minibatch_indices(n, epochs, num_minibatches, gen)
 
     def averaged(self, tx: torchopt.base.GradientTransformation, plain: bool = False) -> Any:
         """``tx`` behind :func:`~metagrad_rl.distributed.average_across_workers` (``tx`` alone
@@ -181,7 +229,7 @@ class Parallel:
             since = self.since.get(name) or _fresh_moments(norm.rms)
             self.since[name] = combine_running_stats(norm.rms, since)
 
-    def resumed_normalisers(self, collector: Any) -> None:
+    def resumed(self, ckpt: Mapping[str, Any], collector: Any) -> None:
         """After loading a checkpoint: its (combined) statistics are the last combine's."""
         from metagrad_rl.distributed import moments_of
 
@@ -264,16 +312,23 @@ class Parallel:
             return None
         full[WORKERS_KEY] = parts
         full[NUM_WORKERS_KEY] = self.world_size
+        full[MODE_KEY] = self.mode
         return full
 
     def check_workers(self, ckpt: Mapping[str, Any], where: str) -> None:
         """A one-line error unless ``ckpt`` was written by as many workers as this run has."""
         saved = int(ckpt.get(NUM_WORKERS_KEY, 1))
-        if saved != self.world_size:
+        mode = str(ckpt.get(MODE_KEY, "allreduce"))
+        if saved != self.num_workers:
             raise ConfigError(
                 f"the run in {where!r} was trained with {saved} worker(s), this one has "
-                f"{self.world_size}: resume it with the same number (metagrad-rl train "
-                f"--nproc {saved}, or torchrun --nproc-per-node {saved})"
+                f"{self.num_workers}: resume it with the same number (metagrad-rl train "
+                f"--nproc {saved} --parallel {mode})"
+            )
+        if saved > 1 and mode != self.mode:
+            raise ConfigError(
+                f"the run in {where!r} was trained with --parallel {mode}, this one runs "
+                f"--parallel {self.mode}: resume it in the same mode (--parallel {mode})"
             )
 
     def scatter_checkpoint(self, ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -296,94 +351,18 @@ class Parallel:
 
 
 def current() -> Parallel:
-    """The :class:`Parallel` of this process (one worker without a process group)."""
+    """The :class:`Parallel` of this process: a worker of the process group, the learner of
+    :func:`~metagrad_rl.trainers.rollout_workers.rollout_workers`, or one process alone."""
+    if _factory is not None:
+        return _factory()
     if not is_distributed():
         return Parallel()
     return Parallel(dist.get_rank(), dist.get_world_size())
 
 
-# ------------------------------------------------------------------ metagrad-rl train --nproc N
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def without_flag(argv: Sequence[str], flag: str) -> list[str]:
-    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
-
-
-def launch_local(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
-    """Runs ``python -m metagrad_rl <argv>`` as ``nproc`` workers on this machine.
-
-    What ``torchrun --standalone --nproc-per-node N`` would start: each worker gets torchrun's
-    variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, and
-    ``MASTER_ADDR=127.0.0.1`` with a free ``MASTER_PORT``; gloo on the loopback interface).
-    Workers print their own (one-line) errors. Once one worker fails, the others have
-    ``timeout_s`` + 30 s to stop (they fail at their next collective) before they are killed.
-    Returns the first failing worker's exit code, or 0.
-    """
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "metagrad_rl", *argv]
-    procs = []
-    for r in range(nproc):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-        }
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        procs.append(subprocess.Popen(cmd, env=env))
-    code, deadline = 0, None
-    try:
-        while any(p.poll() is None for p in procs):
-            for p in procs:
-                rc = p.poll()
-                if rc is not None and rc != 0 and code == 0:
-                    code, deadline = rc, time.monotonic() + timeout_s + 30.0
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the workers (files stay whole)
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        code, deadline = 130, time.monotonic() + 10.0
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if code == 0:
-        code = next((p.returncode for p in procs if p.returncode), 0)
-    return 128 - code if code < 0 else code  # a signal -N as the shell reports it: 128 + N
+def set_current_factory(factory: Callable[[], Parallel] | None) -> Callable[[], Parallel] | None:
+    """Makes :func:`current` return ``factory()`` (``None``: the default); returns the previous
+    factory (:func:`~metagrad_rl.trainers.rollout_workers.rollout_workers` sets it)."""
+    global _factory
+    previous, _factory = _factory, factory
+    return previous

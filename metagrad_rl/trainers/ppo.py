@@ -27,7 +27,6 @@ from metagrad_rl.trainers import parallel
 from metagrad_rl.trainers.common import (
     FlatParams,
     PPOCoefs,
-    collector_for,
     episode_row,
     explained_variance,
     flatten_batch,
@@ -39,7 +38,6 @@ from metagrad_rl.trainers.common import (
     ppo_update,
 )
 from metagrad_rl.trainers.run import Progress, Run, begin, check_tensorboard, lr_restart_of
-from metagrad_rl.unroll import minibatch_indices
 
 ALGO = "ppo"
 
@@ -254,7 +252,7 @@ class PPOState:
         torch.set_rng_state(ckpt["torch_rng"])
         self.global_step, self.iteration = int(ckpt["global_step"]), int(ckpt["iteration"])
         self.recent = list(ckpt["recent_returns"])
-        parts.par.resumed_normalisers(parts.collector)
+        parts.par.resumed(ckpt, parts.collector)
 
 
 def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
@@ -264,7 +262,7 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     gradient averaged first in the optimizer, the networks rank 0's (:mod:`.parallel`).
     """
     par = parallel.current()
-    collector = collector_for(cfg, par.seed(cfg.seed))
+    collector = par.make_collector(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)  # validates the shape
     policy = POLICIES[cfg.policy](obs_dim, act_dim, cfg.hidden, cfg.conditioning, None)
@@ -272,7 +270,7 @@ def build(cfg: PPOConfig, lr_restart: int = 0) -> tuple[PPOParts, PPOState]:
     params = FlatParams({"theta": params_of(policy), "critic": params_of(critic)}, cfg.device)
     par.sync_([params.flat])
     tx = par.averaged(optimizer_for(cfg, restart=lr_restart), plain=True)
-    gen = torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003)
+    gen = par.update_generator(cfg.seed)
     parts = PPOParts(policy, critic, tx, collector, gen, par)
     return parts, PPOState(params, tx.init((params.flat,)), lr_restart)
 
@@ -308,10 +306,11 @@ def update(
     """``update_epochs`` passes of minibatch PPO (policy and critic share one flat Adam)."""
     data = flatten_batch(b, adv, returns)
     gen = parts.update_gen
-    mbs = minibatch_indices(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)
+    mbs = parts.par.schedule(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)
     lr = lr_at(cfg, state.iteration, state.lr_restart)
+    coefs = cfg.coefs()._replace(norm_groups=parts.par.norm_groups)
     state.opt_state, stats = ppo_update(
-        parts.policy, parts.critic, state.params, parts.tx, state.opt_state, data, cfg.coefs(), mbs
+        parts.policy, parts.critic, state.params, parts.tx, state.opt_state, data, coefs, mbs
     )
     ev = explained_variance(data.old_values, data.returns)
     return {**stats, "explained_variance": ev, "lr": lr}

@@ -186,8 +186,8 @@ class Run:
         """Appends one ``progress.csv`` row (with ``steps_per_sec``) and reports it (rank 0)."""
         if self.logger is None:
             return
-        if self.par.distributed:  # steps summed over the workers
-            row = {**row, "all_workers_step": global_step * self.par.world_size}
+        if self.par.num_workers > 1:  # steps summed over the workers
+            row = {**row, "all_workers_step": global_step * self.par.num_workers}
         full = self.logger.log(global_step, self.cfg.batch_size, row)
         if self.tensorboard is not None:
             self.tensorboard.log(global_step, full)
@@ -234,8 +234,9 @@ class Run:
             "mean_return_last_20_episodes": float(np.mean(recent)) if recent else None,
             "wall_time_s": self.wall_time(),
         }
-        if self.par.distributed:
-            summary["num_workers"] = self.par.world_size
+        if self.par.num_workers > 1:
+            summary["num_workers"] = self.par.num_workers
+            summary["parallel"] = self.par.mode
         if finished and self.logger is not None:
             write_summary(self.path, summary)
         if self.tensorboard is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torchopt
 from torch import Tensor
 
@@ -16,13 +15,13 @@ from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.fused import critic_stack_order
 from metagrad_rl.trainers.bilevel.state import BilevelState, Parts
-from metagrad_rl.trainers.common import FlatParams, collector_for, optimizer_for, to_device
+from metagrad_rl.trainers.common import FlatParams, optimizer_for, to_device
 
 
 def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]:
     """Networks, optimizers, problem and envs of ``cfg``, and the state at step 0."""
     par = parallel.current()
-    collector = collector_for(cfg, par.seed(cfg.seed))
+    collector = par.make_collector(cfg)
     obs_dim, act_dim = collector.envs.obs_dim, collector.envs.act_dim
     reward_net = IntrinsicReward(obs_dim, act_dim, cfg.reward_hidden, cfg.bottleneck)
     cond_dim = reward_net.condition_dim
@@ -38,7 +37,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         critic_tx=par.averaged(policy_optimizer(cfg, lr_restart), plain=True),
         eta_tx=torchopt.adam(cfg.eta_lr, eps=cfg.adam_eps),
         collector=collector,
-        update_gen=torch.Generator().manual_seed(par.seed(cfg.seed) + 2_000_003),
+        update_gen=par.update_generator(cfg.seed),
         meta_grad=meta_grads.get(cfg.meta_grad),
         par=par,
     )

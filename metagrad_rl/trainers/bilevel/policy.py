@@ -37,7 +37,7 @@ def record_round(
         theta=state.theta,
         opt_state=optimizer_state_to_list(state.theta_state),
         batch=round_batch(b, b.values, b.next_values),
-        minibatches=round_schedule(cfg, parts.update_gen),
+        minibatches=round_schedule(cfg, parts.update_gen, parts.par),
         eta=state.eta,
         j_hat=float(np.mean(eps.returns)) if eps.returns else None,
         schedule=(state.lr_restart, cfg.num_iterations),
@@ -62,6 +62,9 @@ def grad_clip_share(before: Any, after: Any) -> float:
     return (fired1 - fired0) / max(1, steps1 - steps0)
 
 
-def round_schedule(cfg: Any, gen: torch.Generator) -> list[Tensor]:
-    """The round's minibatch order (:func:`metagrad_rl.unroll.minibatch_indices`)."""
+def round_schedule(cfg: Any, gen: torch.Generator, par: Any = None) -> list[Tensor]:
+    """The round's minibatch order (:func:`metagrad_rl.unroll.minibatch_indices`); with the
+    learner of ``N`` rollout workers (``par``), the union of the workers' orders."""
+    if par is not None:
+        return list(par.schedule(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen))
     return minibatch_indices(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)

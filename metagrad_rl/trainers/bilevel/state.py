@@ -164,7 +164,7 @@ class BilevelState:
         history = [
             RoundRecord.from_checkpoint(to_device(d, device)) for d in ckpt.get("history", [])
         ]
-        parts.par.resumed_normalisers(parts.collector)
+        parts.par.resumed(ckpt, parts.collector)
         return replace(
             self,
             theta=to_device(ckpt["theta"], device),
