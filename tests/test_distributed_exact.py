@@ -34,6 +34,7 @@ from metagrad_rl.networks import params_of
 from metagrad_rl.optim import clip_counts, clip_grad_norm
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.pytree import TERMS, flatten
+from metagrad_rl.trainers.rollout_workers import union_schedule
 from metagrad_rl.unroll import Round, minibatch_indices
 
 N_WORKERS, T, EPOCHS, MINIBATCHES, B = 2, 10, 2, 2, 12
@@ -86,11 +87,8 @@ def _union_data(n_rounds: int):
     for k in range(n_rounds):
         batches = [p[0][k].batch for p in parts]
         batch = {key: torch.stack([b[key] for b in batches], dim=1) for key in batches[0]}
-        # flat index of step t of worker r in the [T, N] batch: t * N + r
-        mbs = [
-            torch.cat([idx * N_WORKERS + r for r, idx in enumerate(js)])
-            for js in zip(*(p[0][k].minibatches for p in parts))
-        ]
+        # what the rollout learner does: step t of worker r sits at t * N + r in [T, N]
+        mbs = union_schedule([p[0][k].minibatches for p in parts], num_envs=1)
         rounds.append(Round(batch, mbs))
     outer = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
     return rounds, outer
