@@ -249,3 +249,44 @@ def test_cli_rollout_runs_resume_in_their_mode_and_refuse_another(tmp_path):
     r = _cli(["train", "--out", str(tmp_path / "t"), "--parallel", "rollout"], {"WORLD_SIZE": "1"})
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and "under torchrun" in err[0], err
+
+
+# ------------------------------------------------------------------ the all-reduce mode's syncs
+def _counted(rank: int, n: int, init: str, root: str) -> dict:
+    """Collectives per training run, for 1 and 2 epochs (4 and 8 minibatch steps a round)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    calls = {"n": 0}
+    os.environ["METAGRAD_MEMORY_BUDGET_GIB"] = "8"  # no budget all-reduce in the first run only
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    dist.all_reduce, funcol.all_reduce = counting(dist.all_reduce), counting(funcol.all_reduce)
+    out = {}
+    with workers(rank, n, init, timeout_s=120.0):
+        for name in ("ppo", "cln-eq17"):
+            for epochs in (1, 2):
+                cfg = CONFIGS[name]()
+                cfg = type(cfg)(**{**cfg.__dict__, "update_epochs": epochs, "checkpoint_every": 0})
+                calls["n"] = 0
+                (ppo.train if name == "ppo" else bilevel.train)(cfg, Path(root) / f"{name}{epochs}")
+                out[name, epochs] = calls["n"]
+    return out
+
+
+def test_allreduce_mode_takes_one_collective_per_minibatch_step(tmp_path):
+    """A second epoch's minibatch steps cost exactly one all-reduce each (the union advantage
+    statistics of a plain round are taken before it, in two for the whole round)."""
+    (counts,) = run_workers(
+        _counted, 2, tmp_path / "rdv", str(tmp_path), timeout_s=300.0, results_from=[0]
+    )
+    iterations, extra_steps = 4, TINY["num_minibatches"]
+    for name in ("ppo", "cln-eq17"):
+        per_step = (counts[name, 2] - counts[name, 1]) / (iterations * extra_steps)
+        assert per_step == 1.0, (name, counts)

@@ -114,6 +114,38 @@ def minibatch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 2_000_003)
 
 
+class RoundSums:
+    """``sum_over_workers`` for :func:`~metagrad_rl.advantages.normalize` in a plain round,
+    without a collective per minibatch.
+
+    ``normalize`` asks for two union sums per minibatch: ``[sum x, count]``, then
+    ``sum (x - mean)^2``. The advantages are constants during a plain round, so
+    :meth:`prepare` takes every minibatch's first sums in one all-reduce, then every second
+    sum in another, with the same arithmetic; the calls during the round get them back in
+    order. Without prepared sums (or once they are used up) a call is a plain all-reduce.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[Tensor] = []
+
+    def prepare(self, advantages: Sequence[Tensor]) -> None:
+        firsts = []
+        for x in advantages:
+            count = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+            firsts.append(torch.stack([x.sum(), count]))
+        first = _plain_sum(torch.stack(firsts))
+        means = first[:, 0] / first[:, 1]
+        seconds = [(x - m).square().sum() for x, m in zip(advantages, means, strict=True)]
+        second = _plain_sum(torch.stack(seconds))
+        self.queue = [t for pair in zip(first.unbind(), second.unbind()) for t in pair]
+        self.queue.reverse()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.queue:
+            return self.queue.pop()
+        return _plain_sum(x)
+
+
 def _fresh_moments(rms: Any) -> Moments:
     fresh = RunningMeanStd(np.shape(rms.mean))
     return Moments(fresh.mean.copy(), fresh.var.copy(), float(fresh.count))
@@ -126,6 +158,7 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     since: dict[str, Moments] = field(default_factory=dict)
+    _round_sums: RoundSums | None = field(default=None, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -189,8 +222,20 @@ class Parallel:
     @property
     def plain_sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:
         """:attr:`sum_over_workers` off the autograd graph (for a plain policy round, whose
-        advantages are constants: ``eta`` is not differentiated there)."""
-        return _plain_sum if self.distributed else None
+        advantages are constants: ``eta`` is not differentiated there): a :class:`RoundSums`
+        that :meth:`prepare_round_sums` fills before the round."""
+        if not self.distributed:
+            return None
+        if self._round_sums is None:
+            self._round_sums = RoundSums()
+        return self._round_sums
+
+    def prepare_round_sums(self, advantages: Sequence[Tensor]) -> None:
+        """The union statistics of a plain round's minibatches (``advantages[j]``: this
+        worker's part of minibatch ``j``), in two all-reduces for the whole round, for
+        :attr:`plain_sum_over_workers` to hand out in the round's order."""
+        if self.distributed and self._round_sums is not None:
+            self._round_sums.prepare(advantages)
 
     @property
     def sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:

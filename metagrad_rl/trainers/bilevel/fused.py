@@ -49,6 +49,8 @@ def fused_round(
         inner = prepare_round(
             problem, rec.batch, state.theta, eta, eta, InnerSurrogate(cfg.surrogate)
         )
+        if cfg.norm_adv:  # union statistics of all minibatches: two collectives per round
+            parts.par.prepare_round_sums([inner["adv_in"][idx] for idx in rec.minibatches])
     v = value_targets(cfg, data, adv_mix)
     joint, opt = _joined(cfg, parts, state)
     total = 0.0
