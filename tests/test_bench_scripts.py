@@ -99,3 +99,41 @@ def test_one_entry_point_lists_and_runs_every_benchmark():
     one = run("trainer_overhead", "--help")
     assert one.returncode == 0 and "--total-steps" in one.stdout
     assert run("no-such-experiment").returncode == 2
+
+
+def test_scaling_summary_speed_ups_bound_and_plot(tmp_path):
+    """benchmarks/scaling.py's arithmetic on given rows: mean steps/s per (config, N, mode),
+    speed-up over one process, the all-reduce bound N t1 / (t1 + s f); one PNG bar a mode."""
+    import argparse
+
+    from matplotlib.image import imread
+
+    scaling = load_benchmark("scaling")
+    rows = []
+    for sps, n, mode in [(1000, 1, "one process"), (1800, 2, "rollout"), (800, 2, "allreduce")]:
+        for rep, jitter in enumerate((-100, 100)):
+            rows.append(
+                dict(
+                    config="ppo",
+                    workers=n,
+                    mode=mode,
+                    rep=rep,
+                    steps_per_s=sps + jitter,
+                    return_last20=5.0,
+                    load_before=1.0,
+                )
+            )
+    args = argparse.Namespace(num_steps=2048)
+    floor = 1e-3
+    summary = {(s["workers"], s["mode"]): s for s in scaling.summarise(rows, floor, args)}
+    assert summary[2, "rollout"]["speed_up"] == pytest.approx(1.8)
+    assert summary[2, "allreduce"]["speed_up"] == pytest.approx(0.8)
+    t1, steps = 2048 / 1000, scaling.steps_per_iteration(args)
+    assert steps == 320  # 10 epochs of 32 minibatches, one all-reduce each
+    assert summary[2, "allreduce"]["allreduce_bound"] == pytest.approx(
+        2 * t1 / (t1 + steps * floor)
+    )
+    assert summary[2, "rollout"]["allreduce_bound"] is None
+    assert "| ppo | 2 | rollout | 1800 | 1.80x |" in scaling.table(list(summary.values()))
+    scaling.plot(list(summary.values()), tmp_path / "s.png")
+    assert imread(tmp_path / "s.png").shape[0] > 300
