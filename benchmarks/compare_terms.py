@@ -71,6 +71,7 @@ from termbench.common import (
 from termbench.cost import (
     CostSetup,
     cost_tables,
+    cost_targets,
     plot_cost,
     probe,
     probe_main,
@@ -78,6 +79,7 @@ from termbench.cost import (
     target,
 )
 from termbench.learning import (
+    curve_end,
     learning_table,
     learning_tables,
     plot_groups,
@@ -100,6 +102,8 @@ __all__ = [
     "checkpoint_indices",
     "cos",
     "cost_tables",
+    "cost_targets",
+    "curve_end",
     "env_dims",
     "fmt",
     "learning_table",

@@ -9,6 +9,8 @@ import pytest
 import torch
 from bench_helpers import load_benchmark
 
+from metagrad_rl.rundir import read_csv
+
 ct = load_benchmark("compare_terms")
 
 TINY = dict(num_steps=128, num_minibatches=4, update_epochs=2, eta_lr=1e-2)
@@ -87,6 +89,24 @@ def test_targets_say_pass_or_miss_and_by_how_much():
     text = ct.cost_tables({"estimators": [], "eq12": [], "growth": [], "targets": [ok, miss]})
     assert "- MISS: time of x / time of y is 3.3x, above the limit 3x" in text
     assert "issue" not in text
+
+
+def test_the_eq12_miss_says_why_in_its_line():
+    rows = [
+        {"name": "four_terms", "ratio_to_exact_total": 1.0},
+        {"name": "exact_total", "ratio_to_plain_round": 2.5, "rss_peak_delta_mib": 600.0},
+    ]
+    eq12 = [
+        {"name": "grad_autograd", "median_s": 1.0},
+        {"name": "grad_func", "median_s": 1.9},
+        {"name": "eq12_product", "median_s": 2.7},
+    ]
+    targets = ct.cost_targets(rows, eq12)
+    assert [t["verdict"] for t in targets] == ["PASS", "PASS", "PASS", "MISS"]
+    text = ct.cost_tables({"estimators": [], "eq12": [], "growth": [], "targets": targets})
+    (miss,) = [line for line in text.splitlines() if line.startswith("- MISS:")]
+    assert "is 2.7x, above the limit 1.6x: the product is a double backward" in miss
+    assert "does not call it" in miss and "issue" not in miss
 
 
 def test_tables_define_their_columns_and_plots_keep_one_colour_per_estimator():
@@ -168,6 +188,14 @@ def test_learning_table_and_plots_from_run_directories(tmp_path):
     }
     rows = ct.learning_table(groups)
     assert all(r["finished"] == 1 and r["final_mean"] is not None for r in rows)
+    for r, g in zip(rows, sorted(groups)):  # the curve end is the last logged episodic_return
+        logged = [x["episodic_return"] for x in read_csv(groups[g][0] / "progress.csv")]
+        assert r["curve_end_mean"] == pytest.approx(float([x for x in logged if x][-1]))
+        assert r["curve_end_mean"] == ct.curve_end(groups[g][0])
+    text = ct.learning_tables({"rows": rows, "source": str(root), "note": ""})
+    header = next(line for line in text.splitlines() if line.startswith("| group"))
+    assert "final return: last 20 training episodes" in header and "curve end" in header
+    assert "Curve end: the plotted curve's last point" in text
     png = ct.plot_groups(
         groups,
         {"p": [("cln-eq17-InvertedPendulum-v5", "cln")]},

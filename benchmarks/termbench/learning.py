@@ -58,11 +58,19 @@ def final_return(run: Path) -> tuple[float | None, int, bool]:
     return float(np.mean(vals[-5:])), int(steps[-1]), False
 
 
+def curve_end(run: Path) -> float | None:
+    """The last point of the run's plotted curve: progress.csv's last ``episodic_return`` (the
+    mean return of the episodes that finished in the run's last iteration with one)."""
+    _, vals = load_curve(run)
+    return float(vals[-1]) if len(vals) else None
+
+
 def learning_table(groups: Mapping[str, list[Path]]) -> list[Row]:
     rows = []
     for g, runs in sorted(groups.items()):
         finals = [final_return(r) for r in runs]
         vals = [f for f, _, _ in finals if f is not None]
+        ends = [e for e in (curve_end(r) for r in runs) if e is not None]
         rows.append(
             {
                 "group": g,
@@ -72,6 +80,7 @@ def learning_table(groups: Mapping[str, list[Path]]) -> list[Row]:
                 "final_mean": float(np.mean(vals)) if vals else None,
                 "final_std": float(np.std(vals)) if len(vals) > 1 else None,
                 "per_seed": vals,
+                "curve_end_mean": float(np.mean(ends)) if ends else None,
             }
         )
     return rows
@@ -248,6 +257,18 @@ def run_learning(
     }
 
 
+FINAL_RETURN_HEADER = "final return: last 20 training episodes (mean ± std over seeds)"
+CURVE_END_HEADER = "curve end: last iteration's episodes (mean over seeds)"
+FINAL_RETURN_NOTE = (
+    "Final return: the mean raw return of each run's last 20 finished training episodes "
+    "(summary.json; a run not yet finished: the mean of its last 5 logged iterations), which "
+    "reach back over earlier iterations when fewer than 20 episodes finish per iteration. "
+    "Curve end: the plotted curve's last point, progress.csv's episodic_return of the last "
+    "iteration, the mean of only the episodes that finished in it. On a rising curve the "
+    "final return is the lower of the two."
+)
+
+
 def learning_tables(res: Mapping[str, Any]) -> str:
     body = [
         [
@@ -258,6 +279,7 @@ def learning_tables(res: Mapping[str, Any]) -> str:
             if r["final_mean"] is None
             else f"{r['final_mean']:.0f} ± {0.0 if r['final_std'] is None else r['final_std']:.0f}",
             ", ".join(f"{v:.0f}" for v in r["per_seed"]),
+            "–" if r.get("curve_end_mean") is None else f"{r['curve_end_mean']:.0f}",
         ]
         for r in res["rows"]
     ]
@@ -289,9 +311,12 @@ def learning_tables(res: Mapping[str, Any]) -> str:
                 "group",
                 "finished/seeds",
                 "steps (min)",
-                "final return (mean ± std over seeds)",
+                FINAL_RETURN_HEADER,
                 "per seed",
+                CURVE_END_HEADER,
             ],
         )
+        + "\n\n"
+        + FINAL_RETURN_NOTE
         + pair_table
     )
