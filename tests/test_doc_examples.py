@@ -4,6 +4,7 @@ what their pages say."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def load(name: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_the_examples_page_includes_every_example_script():
+    """Each script appears on the page through the snippet syntax (``--8<-- "path"``, kept
+    from ``ruff format`` by ``<!-- fmt: off -->``, which would otherwise mangle it)."""
+    page = (EXAMPLES.parent / "examples.md").read_text()
+    included = re.findall(r'^--8<-- "docs/examples/(\w+\.py)"$', page, flags=re.M)
+    assert sorted(included) == sorted(p.name for p in EXAMPLES.glob("*.py"))
 
 
 def test_data_weights_lower_the_corrupted_examples_and_verify():
