@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -45,6 +46,23 @@ def test_cln_on_hopper_writes_a_run(tmp_path):
     assert res["summary"]["global_step"] == 128 and res["summary"]["env"] == "Hopper-v5"
     assert [r["global_step"] for r in res["rows"]] == ["64", "128"]
     assert (out / "summary.json").is_file()
+
+
+def test_a_registered_custom_policy_trains_with_ppo_and_evaluates(tmp_path):
+    from metagrad_rl.checkpoint import load_checkpoint
+    from metagrad_rl.networks import POLICIES
+
+    try:
+        mod = load("custom_policy")
+        assert POLICIES["relu"] is mod.ReluGaussian
+        out = tmp_path / "relu"
+        res = mod.main(str(out), total_steps=128, num_steps=64, episodes=2, update_epochs=1)
+        snap = load_checkpoint(out / "checkpoint.pt")["policy"]
+    finally:
+        POLICIES.pop("relu", None)
+    assert res["summary"]["global_step"] == 128 and res["summary"]["env"] == "Hopper-v5"
+    assert snap["kind"] == "relu" and set(snap["theta"]) >= {"mu.0.weight", "log_std"}
+    assert len(res["returns"]) == 2 and all(np.isfinite(res["returns"]))
 
 
 @pytest.mark.timeout(300)
