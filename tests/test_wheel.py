@@ -47,6 +47,17 @@ def test_the_version_is_set_in_one_place_and_the_files_a_user_needs_exist():
     assert (ROOT / "metagrad_rl" / "py.typed").is_file()
 
 
+def test_project_urls_are_real_addresses_only():
+    """No placeholder (example.org, your-org, TODO) in ``[project.urls]``: a URL is listed only
+    once it is true, so Homepage/Source/Documentation wait for a public host."""
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls["Paper"] == "https://proceedings.mlr.press/v124/stadie20a.html"
+    for label, url in urls.items():
+        assert re.fullmatch(r"https://[a-z0-9.-]+\.[a-z]{2,}(/\S*)?", url), (label, url)
+        bad = ("example.", "your-", "todo", "xxx", "localhost", "127.0.0.1", "placeholder")
+        assert not any(b in url.lower() for b in bad), (label, url)
+
+
 CHECK_DEPENDENCIES = """
 import importlib.metadata as md, sys
 from packaging.requirements import Requirement
@@ -83,6 +94,11 @@ def test_the_built_wheel_installs_and_runs_the_readme_engine_snippet(tmp_path):
     assert "metagrad_rl/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith("/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/", "docs/")) for n in names)
+    (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = zipfile.ZipFile(wheel).read(meta_name).decode()
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    for label, url in urls.items():
+        assert f"Project-URL: {label}, {url}" in metadata
 
     venv = tmp_path / "venv"
     base = getattr(sys, "_base_executable", sys.executable)
