@@ -54,13 +54,19 @@ RUNGS: dict[str, tuple[str, ...]] = {
 #: 0 is cln-rin0), CLN eq17 on seeds 1-3; each compared with PPO and the larger weight before it.
 SWEEP = ("ppo", "cln-eq17", "cln-eq17-rin0.03", "cln-eq17-rin0.01", "cln-rin0")
 SWEEP_SEEDS = (1, 2, 3)
+#: Where the architecture's cost comes from: PPO, PPO with a plain LayerNorm on its last hidden
+#: layer (what CLN conditions; PPO's trainer), CLN with r_in off (the bilevel trainer, the norm
+#: conditioned on eta), seeds 1-3.
+ARCH = ("ppo", "ppo-ln", "cln-rin0")
 #: The reports: (title, env, rungs, seeds or None for all).
 GROUPS: tuple[tuple[str, str, tuple[str, ...], tuple[int, ...] | None], ...] = (
     *((env, env, rungs, None) for env, rungs in RUNGS.items()),
     ("Hopper-v5, r_in_coef sweep (seeds 1-3)", "Hopper-v5", SWEEP, SWEEP_SEEDS),
+    ("Hopper-v5, the architecture (seeds 1-3)", "Hopper-v5", ARCH, SWEEP_SEEDS),
 )
 LABELS = {
     "ppo": "PPO",
+    "ppo-ln": "PPO + LayerNorm",
     "cln-rin0": "CLN, r_in off",
     "cln-frozen": "CLN, fixed random r_in",
     "cln-eq17": "CLN, learned r_in (eq17)",
@@ -69,7 +75,7 @@ LABELS = {
     "cln-eq17-rin0.01": "CLN eq17, r_in_coef 0.01",
 }
 COLOURS = {"ppo": "C0", "cln-rin0": "C2", "cln-frozen": "C4", "cln-eq17": "C3", "lirpg": "C1"}
-COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6"})
+COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6", "ppo-ln": "C7"})
 METRICS = {
     "train20": "mean of the last 20 training episodes",
     "eval10": "deterministic, 10 episodes",
