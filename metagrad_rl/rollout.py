@@ -165,7 +165,7 @@ def policy_outputs(
 
 def critic_values(critic: Critic, params: Mapping[str, Tensor], obs: Tensor) -> Tensor:
     """``V(obs)`` for any leading shape, as a pure function of the critic's ``params``."""
-    return functional_call(critic, dict(params), (obs,))
+    return critic.values(params, obs)
 
 
 def stack_params(params: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:

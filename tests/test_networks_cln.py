@@ -100,3 +100,64 @@ def test_numpy_policy_against_torch_policy(conditioning):
     pnp = NumpyPolicy(policy, theta, cond)
     np.testing.assert_allclose(pnp.mean(obs.numpy()), mean.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pnp.std, log_std.detach().exp().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["none", "layernorm", "cln"])
+def test_log_prob_without_functional_call_is_functional_call_bit_for_bit(conditioning):
+    """The policy's and the critic's direct forwards (no parameter swapping) compute what
+    ``functional_call`` of the modules computes, op for op: values and first and second
+    derivatives are equal bitwise (float64), also with one condition per row."""
+    from torch.func import functional_call
+
+    from metagrad_rl.networks import Critic, GaussianPolicy, IntrinsicReward, cln_condition
+
+    torch.manual_seed(0)
+    reward = IntrinsicReward(5, 2, (8,), 3).double()
+    cond_dim = reward.condition_dim if conditioning == "cln" else None
+    policy = GaussianPolicy(5, 2, (8, 8), conditioning, cond_dim).double()
+    critic = Critic(5, (8, 8)).double()
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in params_of(policy).items()}
+    eta = {k: v.detach().clone() for k, v in params_of(reward).items()}
+    obs, act = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    conds = [cln_condition(eta), cln_condition(eta).expand(7, -1) + 0.1 * torch.randn(7, 1)]
+    for cond in conds if conditioning == "cln" else [None]:
+        fast = policy.log_prob(theta, obs, act, cond)
+        ref = gaussian_reference(policy, theta, obs, act, cond)
+        assert torch.equal(fast, ref)
+        g_fast = torch.autograd.grad(fast.sum(), list(theta.values()), create_graph=True)
+        g_ref = torch.autograd.grad(ref.sum(), list(theta.values()), create_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(g_fast, g_ref, strict=True))
+        h_fast = torch.autograd.grad(sum(g.square().sum() for g in g_fast), list(theta.values()))
+        h_ref = torch.autograd.grad(sum(g.square().sum() for g in g_ref), list(theta.values()))
+        assert all(torch.equal(a, b) for a, b in zip(h_fast, h_ref, strict=True))
+    p = params_of(critic)
+    assert torch.equal(critic.values(p, obs), functional_call(critic, dict(p), (obs,)))
+
+
+def gaussian_reference(policy, theta, obs, act, cond):
+    """The policy's log-probability through ``functional_call`` (the slow, general path)."""
+    from torch.func import functional_call
+
+    from metagrad_rl.networks import gaussian_log_prob
+
+    mean, log_std = functional_call(policy, dict(theta), (obs, cond))
+    return gaussian_log_prob(mean, log_std, act)
+
+
+def test_a_policy_subclass_with_its_own_forward_keeps_it():
+    from metagrad_rl.networks import GaussianPolicy
+
+    class Shifted(GaussianPolicy):
+        def forward(self, obs, cond=None):
+            mean, log_std = super().forward(obs, cond)
+            return mean + 1.0, log_std
+
+    torch.manual_seed(0)
+    plain, shifted = GaussianPolicy(4, 2, (8,), "none"), Shifted(4, 2, (8,), "none")
+    shifted.load_state_dict(plain.state_dict())
+    theta = params_of(plain)
+    obs, act = torch.randn(3, 4), torch.randn(3, 2)
+    with torch.no_grad():
+        a = plain.log_prob(theta, obs, act, None)
+        b = shifted.log_prob(theta, obs, act, None)
+    assert not torch.allclose(a, b)  # the subclass's forward ran
