@@ -45,6 +45,7 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.moments import Moments, merge_moments, moments_of, new_since
 
 #: Seconds a collective (or the rendezvous) waits for the other workers before it fails.
 DEFAULT_TIMEOUT_S = 120.0
@@ -235,49 +236,6 @@ def gather_episode_returns(returns: Sequence[float], group: Group = None) -> lis
 
 
 # --------------------------------------------------------------------------- normalisers
-
-
-class Moments(NamedTuple):
-    """Mean, population variance and count of a stream (``RunningMeanStd``'s state)."""
-
-    mean: np.ndarray
-    var: np.ndarray
-    n: float
-
-
-def moments_of(rms: Any) -> Moments:
-    """A copy of a :class:`~metagrad_rl.envs.RunningMeanStd`'s statistics."""
-    return Moments(
-        np.array(rms.mean, dtype=np.float64), np.array(rms.var, dtype=np.float64), float(rms.count)
-    )
-
-
-def merge_moments(parts: Sequence[Moments]) -> Moments:
-    r"""The moments of the union of disjoint streams (Chan, Golub and LeVeque's parallel merge).
-
-    .. math:: n = \sum_i n_i,\quad \mu = \frac{1}{n}\sum_i n_i \mu_i,\quad
-              \sigma^2 = \frac{1}{n}\sum_i n_i\big(\sigma_i^2 + (\mu_i - \mu)^2\big)
-
-    Parts with count 0 contribute nothing.
-    """
-    n = float(sum(p.n for p in parts))
-    if n <= 0:
-        raise ConfigError("merge_moments needs a positive total count")
-    mean = sum(p.n * np.asarray(p.mean) for p in parts) / n
-    m2 = sum(p.n * (np.asarray(p.var) + (np.asarray(p.mean) - mean) ** 2) for p in parts)
-    return Moments(np.asarray(mean, dtype=np.float64), np.asarray(m2 / n, dtype=np.float64), n)
-
-
-def new_since(now: Moments, since: Moments) -> Moments:
-    """The moments of what was added to ``since`` to give ``now`` (the merge, undone)."""
-    n_new = now.n - since.n
-    if n_new <= 0:
-        return Moments(np.zeros_like(now.mean), np.zeros_like(now.var), 0.0)
-    mean = (now.n * now.mean - since.n * since.mean) / n_new
-    m2 = (
-        now.n * now.var - since.n * since.var - (mean - since.mean) ** 2 * (since.n * n_new / now.n)
-    )
-    return Moments(mean, np.maximum(m2 / n_new, 0.0), n_new)
 
 
 def combine_running_stats(rms: Any, since: Moments, group: Group = None) -> Moments:

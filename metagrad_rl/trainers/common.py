@@ -2,12 +2,11 @@
 
 The CLN and LIRPG trainers reuse these around their own meta-level step:
 
-- :class:`FlatParams` -- several modules' parameters as views of one flat leaf tensor, so that
-  gradient clipping and Adam run on a single tensor (fast on CPU) while networks still receive
-  the ``{name: tensor}`` dicts that :func:`torch.func.functional_call` expects.
+- :class:`FlatParams` (:mod:`.flat_params`) -- several modules' parameters as views of one flat
+  leaf tensor, so that gradient clipping and Adam run on a single tensor (fast on CPU).
 - :func:`make_collector` -- seeded envs with the observation/reward normalisers.
-- :func:`ppo_loss` / :func:`ppo_update` -- PPO-clip with a TorchOpt optimizer applied
-  functionally (``tx.update`` then ``torchopt.apply_updates``).
+- :func:`ppo_loss` / :func:`ppo_update` (:mod:`.ppo_update`) -- PPO-clip with a TorchOpt
+  optimizer applied functionally (``tx.update`` then ``torchopt.apply_updates``).
 - :func:`make_optimizer` -- ``clip_grad_norm`` then Adam with a linearly annealed step size
   (:func:`annealed_lr`), the one optimizer builder of every trainer.
 - :func:`optimizer_state_to_list` / :func:`optimizer_state_from_list` -- checkpointing.
@@ -18,99 +17,52 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 import torchopt
 from torch import Tensor
 
-from metagrad_rl.advantages import normalize
 from metagrad_rl.envs import ObsNormalizer, RewardScaler, VecEnv
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.flat import FlatLayout
-from metagrad_rl.networks import Critic, Policy
+from metagrad_rl.networks import Policy
 from metagrad_rl.optim import INNER_OPTS, clip_grad_norm
-from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats, value_loss
-from metagrad_rl.pytree import Params
-from metagrad_rl.rollout import Batch, Collector, critic_values
+from metagrad_rl.rollout import Collector
+from metagrad_rl.trainers.flat_params import FlatParams, flat_grads
+from metagrad_rl.trainers.ppo_update import (
+    Minibatch,
+    PPOCoefs,
+    explained_variance,
+    flatten_batch,
+    normalize_parts,
+    ppo_loss,
+    ppo_update,
+)
 
-
-# ---------------------------------------------------------------------------------------------
-# Parameters
-# ---------------------------------------------------------------------------------------------
-class FlatParams:
-    """Named parameter groups stored in one flat tensor, for a fast single-tensor optimizer.
-
-    ``FlatParams({"theta": params_of(policy), "critic": params_of(critic)})`` copies the
-    tensors into :attr:`flat` (no grad). Two ways to read them:
-
-    - :meth:`leaves` -- ``{group: {name: leaf}}``: leaf tensors (``requires_grad``) that share
-      :attr:`flat`'s memory, so an in-place update of ``flat`` updates them. With
-      :meth:`flat_grad` this is the fast path of the plain PPO update.
-    - :meth:`views` -- differentiable views of any flat tensor (e.g. a ``theta'`` produced by a
-      differentiable optimizer step).
-    """
-
-    def __init__(
-        self, groups: Mapping[str, Mapping[str, Tensor]], device: torch.device | str = "cpu"
-    ) -> None:
-        self.groups = {g: list(params) for g, params in groups.items()}
-        named = {f"{g}/{n}": p.detach() for g, params in groups.items() for n, p in params.items()}
-        self.layout = FlatLayout(named)  # the one flatten of the project (metagrad_rl.flat)
-        self.flat = self.layout.flatten(named).to(device, copy=True)
-        self._leaves = self.views(self.flat.detach())
-        for group in self._leaves.values():
-            for t in group.values():
-                t.requires_grad_(True)
-        self._leaf_list = [t for group in self._leaves.values() for t in group.values()]
-
-    def leaves(self) -> dict[str, Params]:
-        """``{group: {name: leaf}}`` sharing :attr:`flat`'s memory (see the class docstring)."""
-        return self._leaves
-
-    def flat_grad(self, loss: Tensor) -> Tensor:
-        """``d loss / d flat`` through :meth:`leaves` (one flat tensor, in :attr:`flat`'s order)."""
-        return flat_grads(loss, self)[0]
-
-    def views(self, flat: Tensor | None = None) -> dict[str, Params]:
-        """``{group: {name: view}}`` of ``flat`` (default: :attr:`flat`), differentiable."""
-        parts = self.layout.unflatten(self.flat if flat is None else flat)
-        return {g: {n: parts[f"{g}/{n}"] for n in names} for g, names in self.groups.items()}
-
-    def state_dict(self) -> dict[str, Params]:
-        """Detached copies of every group, keyed as the modules key them."""
-        return {g: {k: v.detach().clone() for k, v in p.items()} for g, p in self.views().items()}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
-        named = {}
-        for key, shape in zip(self.layout.names, self.layout.shapes):
-            g, name = key.split("/", 1)
-            t = state.get(g, {}).get(name)
-            if t is None or tuple(t.shape) != tuple(shape):
-                got = None if t is None else tuple(t.shape)
-                raise ConfigError(
-                    f"checkpoint parameter {g}.{name} has shape {got}: expected {tuple(shape)}"
-                )
-            named[key] = t
-        with torch.no_grad():
-            self.flat.copy_(self.layout.flatten(named))
-
-
-def flat_grads(loss: Tensor, *params: FlatParams) -> list[Tensor]:
-    """``d loss / d flat`` of several :class:`FlatParams` in one backward pass."""
-    leaves = [t for p in params for t in p._leaf_list]
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    out, i = [], 0
-    for p in params:
-        n = len(p._leaf_list)
-        parts = [
-            torch.zeros(t.numel(), device=t.device) if g is None else g.reshape(-1)
-            for g, t in zip(grads[i : i + n], p._leaf_list)
-        ]
-        out.append(torch.cat(parts))
-        i += n
-    return out
+__all__ = [  # the names other modules import from here (the last seven re-exported)
+    "annealed_lr",
+    "collector_for",
+    "episode_row",
+    "linear_schedule",
+    "lr_at",
+    "make_collector",
+    "make_optimizer",
+    "optimizer_for",
+    "optimizer_state_from_list",
+    "optimizer_state_to_list",
+    "policy_snapshot",
+    "to_device",
+    "FlatParams",
+    "flat_grads",
+    "Minibatch",
+    "PPOCoefs",
+    "explained_variance",
+    "flatten_batch",
+    "normalize_parts",
+    "ppo_loss",
+    "ppo_update",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,133 +102,6 @@ def collector_for(cfg: Any, seed: int | None = None) -> Collector:
         cfg.clip_reward,
         cfg.max_episode_steps or None,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# PPO loss and update
-# ---------------------------------------------------------------------------------------------
-class Minibatch(NamedTuple):
-    """Flat (``[B, ...]``) PPO training data; everything is a constant of the loss."""
-
-    obs: Tensor
-    act: Tensor
-    old_logp: Tensor
-    adv: Tensor
-    returns: Tensor
-    old_values: Tensor
-
-
-class PPOCoefs(NamedTuple):
-    """Loss coefficients (CleanRL names): clip, clipped value loss, entropy, value, adv norm;
-    ``norm_groups``: the advantages of a minibatch are normalised in this many equal,
-    contiguous parts (a rollout learner's minibatch holds one part per worker, each of which
-    the all-reduce mode's worker would normalise on its own)."""
-
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    ent_coef: float = 0.0
-    vf_coef: float = 0.5
-    norm_adv: bool = True
-    norm_groups: int = 1
-
-
-def ppo_loss(
-    policy: Policy,
-    critic: Critic,
-    theta: Mapping[str, Tensor],
-    critic_params: Mapping[str, Tensor],
-    mb: Minibatch,
-    coefs: PPOCoefs,
-    cond: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``L = L_clip + vf_coef L_V - ent_coef H`` on one minibatch; returns ``(L, aux)``.
-
-    Advantages are normalised per minibatch when ``coefs.norm_adv``. ``aux`` holds detached
-    diagnostics (``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clip_frac``).
-    """
-    logp = policy.log_prob(theta, mb.obs, mb.act, cond)
-    adv = mb.adv
-    if coefs.norm_adv:
-        adv = normalize(adv) if coefs.norm_groups == 1 else normalize_parts(adv, coefs.norm_groups)
-    pg_loss = clipped_surrogate_loss(logp, mb.old_logp, adv, coefs.clip_coef)
-    values = critic_values(critic, critic_params, mb.obs)
-    v_clip = coefs.clip_coef if coefs.clip_vloss else None
-    v_loss = value_loss(values, mb.returns, mb.old_values, v_clip)
-    entropy = policy.entropy(theta)
-    loss = pg_loss + coefs.vf_coef * v_loss - coefs.ent_coef * entropy
-    stats = surrogate_stats(logp, mb.old_logp, coefs.clip_coef)
-    aux = {
-        "pg_loss": pg_loss.detach(),
-        "v_loss": v_loss.detach(),
-        "entropy": entropy.detach(),
-        "approx_kl": stats.approx_kl,
-        "clip_frac": stats.clip_fraction,
-    }
-    return loss, aux
-
-
-def normalize_parts(x: Tensor, parts: int) -> Tensor:
-    """:func:`~metagrad_rl.advantages.normalize` of each of ``parts`` equal slices of ``x``."""
-    if x.numel() % parts:
-        raise ConfigError(f"{x.numel()} advantages do not split into {parts} equal parts")
-    return torch.cat([normalize(c) for c in x.chunk(parts)])
-
-
-def flatten_batch(batch: Batch, adv: Tensor, returns: Tensor) -> Minibatch:
-    """Merges the time and env axes of a rollout into PPO's ``[T*N, ...]`` training data."""
-    n = batch.logp.numel()
-    return Minibatch(
-        obs=batch.obs.reshape(n, -1),
-        act=batch.act.reshape(n, -1),
-        old_logp=batch.logp.reshape(n),
-        adv=adv.reshape(n).detach(),
-        returns=returns.reshape(n).detach(),
-        old_values=batch.values.reshape(n),
-    )
-
-
-def ppo_update(
-    policy: Policy,
-    critic: Critic,
-    params: FlatParams,
-    tx: torchopt.base.GradientTransformation,
-    opt_state: Any,
-    data: Minibatch,
-    coefs: PPOCoefs,
-    minibatches: Sequence[Tensor],
-    cond: Tensor | None = None,
-    theta_key: str = "theta",
-    critic_key: str = "critic",
-) -> tuple[Any, dict[str, float]]:
-    """Minibatch PPO over ``data`` in the order ``minibatches``; updates ``params.flat`` in place.
-
-    ``minibatches`` is the round's schedule (:func:`metagrad_rl.unroll.minibatch_indices`:
-    epochs x shuffled minibatches), the same schedule the bilevel trainers use.
-
-    Each step: ``g = d L / d flat`` (through :meth:`FlatParams.leaves`);
-    ``updates, state = tx.update(g, state, inplace=True)``;
-    ``torchopt.apply_updates(flat, updates, inplace=True)``. Returns the new optimizer state and
-    the mean of each diagnostic over all steps.
-    """
-    sums: dict[str, float] = {}
-    count = 0
-    for idx in minibatches:
-        mb = Minibatch(*(x[idx] for x in data))
-        leaves = params.leaves()
-        loss, aux = ppo_loss(policy, critic, leaves[theta_key], leaves[critic_key], mb, coefs, cond)
-        grad = params.flat_grad(loss)
-        updates, opt_state = tx.update((grad,), opt_state, params=(params.flat,), inplace=True)
-        torchopt.apply_updates((params.flat,), updates, inplace=True)
-        for k, v in aux.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        count += 1
-    return opt_state, {k: v / max(count, 1) for k, v in sums.items()}
-
-
-def explained_variance(pred: Tensor, target: Tensor) -> float:
-    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant)."""
-    var = float(target.var())
-    return float("nan") if var == 0.0 else 1.0 - float((target - pred).var()) / var
 
 
 # ---------------------------------------------------------------------------------------------
