@@ -13,6 +13,13 @@ from metagrad_rl.explicit import (
 )
 from metagrad_rl.jacobian import SpectralNorm, round_spectral_norm, spectral_norm
 from metagrad_rl.memory import MemoryBudgetError, check_unroll_memory
+from metagrad_rl.meta_problem import (
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Round,
+    minibatch_indices,
+)
 from metagrad_rl.metagrad import (
     MetaGradResult,
     PendingMetaGradient,
@@ -30,17 +37,10 @@ from metagrad_rl.networks import (
     policy_log_prob,
 )
 from metagrad_rl.optim import clip_grad_norm, graph_cuts
+from metagrad_rl.options import MetaGradOptions
 from metagrad_rl.problems import ppo_meta_problem
 from metagrad_rl.score_function import magic_box, score_function_term
-from metagrad_rl.unroll import (
-    EtaPaths,
-    InnerSurrogate,
-    MetaProblem,
-    Round,
-    meta_objective,
-    minibatch_indices,
-    unroll,
-)
+from metagrad_rl.unroll import meta_objective, unroll
 from metagrad_rl.verify import VerificationReport, verify_meta_gradient
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ __all__ = [
     "InnerSurrogate",
     "IntrinsicReward",
     "MemoryBudgetError",
+    "MetaGradOptions",
     "MetaGradResult",
     "MetaProblem",
     "PendingMetaGradient",

@@ -33,8 +33,8 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.meta_problem import InnerSurrogate, MetaProblem, Round
 from metagrad_rl.pytree import BatchDict, Params
-from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round
 
 Tree = Any
 
@@ -110,6 +110,29 @@ def _inner_fn(problem: MetaProblem, batch: BatchDict, idx: Tensor) -> Callable[.
     return f
 
 
+def _sgd_trajectory(
+    problem: MetaProblem,
+    lr: float,
+    theta: Mapping[str, Tensor],
+    eta: Params,
+    rounds: Sequence[Round],
+) -> tuple[list[Params], list[list[Params]], Params]:
+    """The SGD trajectory, no graph kept: each round's start, each step's ``theta_j`` (per
+    round) and the end ``theta_{k+1}``."""
+    starts: list[Params] = []
+    thetas: list[list[Params]] = []
+    th = {k: v.detach() for k, v in theta.items()}
+    for rnd in rounds:
+        starts.append(th)
+        seq = []
+        for idx in rnd.minibatches:
+            seq.append(th)
+            g = grad(_inner_fn(problem, rnd.batch, idx))(th, starts[-1], eta, eta, eta)
+            th = _axpy(-lr, g, th)
+        thetas.append(seq)
+    return starts, thetas, th
+
+
 def explicit_sgd_terms(
     problem: MetaProblem,
     lr: float,
@@ -128,19 +151,7 @@ def explicit_sgd_terms(
     surrogate = InnerSurrogate(surrogate)
     paper = surrogate is InnerSurrogate.PAPER
     eta = {k: v.detach() for k, v in eta.items()}
-    # ---- forward: the SGD trajectory, no graph kept
-    starts: list[Params] = []
-    thetas: list[list[Params]] = []
-    th = {k: v.detach() for k, v in theta.items()}
-    for rnd in rounds:
-        starts.append(th)
-        seq = []
-        for idx in rnd.minibatches:
-            seq.append(th)
-            g = grad(_inner_fn(problem, rnd.batch, idx))(th, starts[-1], eta, eta, eta)
-            th = _axpy(-lr, g, th)
-        thetas.append(seq)
-    theta_next = th
+    starts, thetas, theta_next = _sgd_trajectory(problem, lr, theta, eta, rounds)
     theta_den = starts[-1] if denominator == "theta_k" else theta_next
 
     # ---- outer loss: Eq 11 and the adjoint dL_out/dtheta_{k+1}

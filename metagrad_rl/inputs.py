@@ -1,7 +1,8 @@
 """The engine's input checks: each bad argument of :func:`~metagrad_rl.metagrad.meta_gradient`
 and its relatives is one :class:`~metagrad_rl.errors.ConfigError` line naming the value and
-what is accepted, raised before any work. (A problem's ``prepare`` output is checked where it
-is produced, :func:`metagrad_rl.unroll.check_prepared`.)"""
+what is accepted, raised before any work; a problem's ``prepare`` output is checked as each
+round produces it (:func:`check_prepared`). The settings' own checks are
+:class:`~metagrad_rl.options.MetaGradOptions`'s."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.meta_problem import MetaProblem, Round
 from metagrad_rl.optim import check_differentiable
+from metagrad_rl.options import MetaGradOptions
 from metagrad_rl.pytree import BatchDict
-from metagrad_rl.recompute import check_checkpoint_every, check_second_order
-from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round
 
 
 def check_params(
@@ -150,37 +151,20 @@ def check_outer_loss(loss: Any) -> None:
         )
 
 
-def check_truncate(truncate: Any) -> None:
-    """``None`` (the whole unroll) or a number of last inner steps ``>= 0``."""
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0
-    ):
-        raise ConfigError(
-            f"truncate={truncate!r} is invalid: expected None (every inner step) or an int >= 0 "
-            "(differentiate through the last `truncate` inner steps only)"
-        )
-
-
 def check_start_inputs(
     problem: MetaProblem,
     optimizer: Any,
     theta: Mapping[str, Tensor],
     eta: Mapping[str, Tensor],
-    truncate: Any,
-    checkpoint_every: Any,
     opt_state: Any,
-    allow_graph_cuts: bool,
-    second_order: Any = "reverse",
+    options: MetaGradOptions,
 ) -> list[str]:
     """One :class:`ConfigError` for the first bad argument of :func:`start_meta_gradient`;
-    returns the optimizer's graph cuts allowed by ``allow_graph_cuts``."""
+    returns the optimizer's graph cuts allowed by ``options.allow_graph_cuts``."""
     check_optimizer(optimizer)
-    cuts = check_differentiable(optimizer, allow_graph_cuts)
+    cuts = check_differentiable(optimizer, options.allow_graph_cuts)
     check_params("theta", theta, problem.theta_spec)
     check_params("eta", eta, problem.eta_spec)
-    check_truncate(truncate)
-    check_checkpoint_every(checkpoint_every)
-    check_second_order(second_order, checkpoint_every)
     if opt_state is not None and not isinstance(opt_state, tuple):
         raise ConfigError(
             f"opt_state is a {type(opt_state).__name__}: expected optimizer.init(theta)"
@@ -188,12 +172,29 @@ def check_start_inputs(
     return cuts
 
 
-def check_surrogate(surrogate: Any) -> InnerSurrogate:
-    """An :class:`~metagrad_rl.unroll.InnerSurrogate` or its name."""
-    try:
-        return InnerSurrogate(surrogate)
-    except ValueError:
-        raise ConfigError(
-            f"surrogate={surrogate!r} is invalid: expected one of "
-            f"{[s.value for s in InnerSurrogate]}"
-        ) from None
+def check_prepared(data: Any, r: int, rnd: Round) -> None:
+    """``prepare``'s output: a dict of finite tensors whose leading dimension the indices fit.
+
+    A 0-d tensor is a per-round quantity shared by every minibatch; anything else must have
+    the minibatch index as its leading dimension.
+    """
+    if not isinstance(data, Mapping):
+        kind = type(data).__name__
+        raise ConfigError(f"prepare returned a {kind} for round {r}: expected a dict of tensors")
+    need = 1 + max(int(idx.max()) for idx in rnd.minibatches)
+    for k, v in data.items():
+        if not isinstance(v, Tensor):
+            raise ConfigError(
+                f"prepare returned {type(v).__name__} for {k!r} (round {r}): expected a tensor"
+            )
+        if v.dim() > 0 and v.shape[0] < need:
+            raise ConfigError(
+                f"prepare returned {k!r} with shape {tuple(v.shape)} for round {r}, but the "
+                f"minibatch indices reach {need - 1}: per-sample quantities need the sample "
+                "index as their leading dimension (a 0-d tensor is shared by every minibatch)"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()):
+            raise ConfigError(
+                f"prepare returned non-finite values in {k!r} for round {r} "
+                f"({int((~torch.isfinite(v.detach())).sum())} of {v.numel()})"
+            )

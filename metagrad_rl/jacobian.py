@@ -45,8 +45,9 @@ from torchopt.typing import ScalarOrSchedule, Schedule
 
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.meta_problem import InnerSurrogate, MetaProblem, Round
 from metagrad_rl.pytree import Params
-from metagrad_rl.unroll import InnerSurrogate, MetaProblem, Round, inner_step, prepare_round
+from metagrad_rl.unroll import inner_step, prepare_round
 
 
 def round_map(

@@ -20,6 +20,11 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.inputs import check_prepared
+from metagrad_rl.options import segment_length
+from metagrad_rl.pytree import take
+from metagrad_rl.unroll import inner_step, prepare_round
 
 GIB = 1024**3
 
@@ -107,10 +112,6 @@ def probe_bytes(
     """Graph bytes of one round's ``prepare`` and of one differentiable inner step, and the
     bytes of one checkpoint (parameters and optimizer state)
     and of one round's stored prepared data and round start."""
-    from metagrad_rl.flat import FLAT_KEY, FlatLayout
-    from metagrad_rl.pytree import take
-    from metagrad_rl.unroll import check_prepared, inner_step, prepare_round
-
     theta_k = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     eta_ = {k: v.detach().requires_grad_(True) for k, v in eta.items()}
     with GraphMemoryMeter() as m_prep:
@@ -153,8 +154,6 @@ def estimate_unroll_bytes(
     round's ``prepare`` graph and ``k`` steps' graph at a time, plus the checkpoints (every
     ``k`` steps and each round start) and each round's stored prepared data.
     """
-    from metagrad_rl.recompute import segment_length
-
     steps = sum(len(r.minibatches) for r in rounds)
     per_round, per_step, per_ckpt, per_data = probe_bytes(
         problem, tx, theta, eta, rounds[0], opt_state, surrogate

@@ -32,8 +32,8 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.explicit import second_derivative_products
+from metagrad_rl.meta_problem import MetaProblem
 from metagrad_rl.pytree import Params, take
-from metagrad_rl.unroll import MetaProblem
 
 View = Callable[[Params], Params] | None
 

@@ -1,6 +1,6 @@
 """The built-in bilevel problem: PPO inner round on intrinsic advantages, PPO outer round.
 
-:func:`ppo_meta_problem` returns a :class:`~metagrad_rl.unroll.MetaProblem` for any
+:func:`ppo_meta_problem` returns a :class:`~metagrad_rl.meta_problem.MetaProblem` for any
 :class:`~metagrad_rl.networks.Policy` (e.g. the CLN-conditioned or plain
 :class:`~metagrad_rl.networks.GaussianPolicy`; only the protocol is used, its ``entropy``
 included) and an :class:`~metagrad_rl.networks.IntrinsicReward`:
@@ -20,14 +20,15 @@ with keys :data:`OUTER_KEYS`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 from torch import Tensor
 
 from metagrad_rl.advantages import gae, normalize
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.meta_problem import MetaProblem
 from metagrad_rl.networks import IntrinsicReward, Policy, intrinsic_reward, policy_log_prob
 from metagrad_rl.ppo import clipped_surrogate_loss
-from metagrad_rl.unroll import MetaProblem
 
 #: Keys of a round batch (time-major ``[T]`` or ``[T, N]``; obs/act with a feature dim).
 ROUND_KEYS = ("obs", "act", "r_ex", "v_mix", "v_mix_next", "terminated", "episode_end")
@@ -64,9 +65,35 @@ def ppo_meta_problem(
         raise ConfigError(f"clip={clip} is invalid: expected 0 < clip < 1")
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise ConfigError(f"gamma={gamma}, lam={lam} are invalid: expected values in [0, 1]")
+    norm = partial(normalize, sum_over_workers=sum_over_workers) if normalize_advantages else None
+    return MetaProblem(
+        prepare=_prepare(policy, reward_net, gamma, lam, r_ex_coef, r_in_coef),
+        inner_loss=_inner_loss(policy, clip, ent_coef, norm),
+        outer_loss=_outer_loss(policy, clip, norm),
+        theta_spec={k: tuple(v.shape) for k, v in policy.named_parameters()},
+        eta_spec={k: tuple(v.shape) for k, v in reward_net.named_parameters()},
+        log_likelihood=_log_likelihood(policy),
+    )
 
-    def flat(x: Tensor, feature: bool) -> Tensor:
-        return x.reshape(-1, x.shape[-1]) if feature else x.reshape(-1)
+
+#: Advantage normalisation (``None``: the advantages as they are).
+Normalize = Callable[[Tensor], Tensor] | None
+
+
+def _flat(x: Tensor, feature: bool) -> Tensor:
+    """A time-major ``[T, N, ...]`` tensor as one sample dimension (a feature dim kept)."""
+    return x.reshape(-1, x.shape[-1]) if feature else x.reshape(-1)
+
+
+def _prepare(
+    policy: Policy,
+    reward_net: IntrinsicReward,
+    gamma: float,
+    lam: float,
+    r_ex_coef: float,
+    r_in_coef: float,
+) -> Callable[..., dict[str, Tensor]]:
+    """``prepare``: the mixed reward's GAE advantages (Eq 13 path) and the ratio's denominator."""
 
     def prepare(
         batch: Mapping[str, Tensor],
@@ -76,7 +103,7 @@ def ppo_meta_problem(
         eta_policy_old: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
         _require("round batch", batch, ROUND_KEYS)
-        obs, act = flat(batch["obs"], True), flat(batch["act"], True)
+        obs, act = _flat(batch["obs"], True), _flat(batch["act"], True)
         r_mix = batch["r_ex"] * r_ex_coef
         if r_in_coef != 0.0:
             r_in = intrinsic_reward(reward_net, eta_reward, obs, act).reshape(batch["r_ex"].shape)
@@ -93,17 +120,29 @@ def ppo_meta_problem(
         old_logp = policy_log_prob(policy, theta_old, obs, act, eta_policy_old)
         return {"obs": obs, "act": act, "adv_in": adv_in.reshape(-1), "old_logp": old_logp}
 
+    return prepare
+
+
+def _inner_loss(
+    policy: Policy, clip: float, ent_coef: float, norm: Normalize
+) -> Callable[..., Tensor]:
+    """``inner_loss`` (Eq 23): PPO-clip on the intrinsic advantages, minus the entropy bonus."""
+
     def inner_loss(
         theta: Mapping[str, Tensor], mb: Mapping[str, Tensor], *, eta_policy: Mapping[str, Tensor]
     ) -> Tensor:
         logp = policy_log_prob(policy, theta, mb["obs"], mb["act"], eta_policy)
-        adv = mb["adv_in"]
-        if normalize_advantages:
-            adv = normalize(adv, sum_over_workers=sum_over_workers)
+        adv = mb["adv_in"] if norm is None else norm(mb["adv_in"])
         loss = clipped_surrogate_loss(logp, mb["old_logp"], adv, clip)
         if ent_coef:
             loss = loss - ent_coef * policy.entropy(theta)
         return loss
+
+    return inner_loss
+
+
+def _outer_loss(policy: Policy, clip: float, norm: Normalize) -> Callable[..., Tensor]:
+    """``outer_loss`` (Eq 24): PPO-clip on the extrinsic advantages, detached denominator."""
 
     def outer_loss(
         theta: Mapping[str, Tensor],
@@ -116,10 +155,14 @@ def ppo_meta_problem(
         _require("outer batch", batch, OUTER_KEYS)
         logp = policy_log_prob(policy, theta, batch["obs"], batch["act"], eta_policy)
         old_logp = policy_log_prob(policy, theta_den, batch["obs"], batch["act"], eta_den)
-        adv = batch["adv_ex"]
-        if normalize_advantages:
-            adv = normalize(adv, sum_over_workers=sum_over_workers)
+        adv = batch["adv_ex"] if norm is None else norm(batch["adv_ex"])
         return clipped_surrogate_loss(logp, old_logp.detach(), adv, clip)
+
+    return outer_loss
+
+
+def _log_likelihood(policy: Policy) -> Callable[..., Tensor]:
+    """``log_likelihood``: the round batch's actions' log-probability, summed."""
 
     def log_likelihood(
         theta: Mapping[str, Tensor],
@@ -127,14 +170,7 @@ def ppo_meta_problem(
         *,
         eta_policy: Mapping[str, Tensor],
     ) -> Tensor:
-        obs, act = flat(batch["obs"], True), flat(batch["act"], True)
+        obs, act = _flat(batch["obs"], True), _flat(batch["act"], True)
         return policy_log_prob(policy, theta, obs, act, eta_policy).sum()
 
-    return MetaProblem(
-        prepare=prepare,
-        inner_loss=inner_loss,
-        outer_loss=outer_loss,
-        theta_spec={k: tuple(v.shape) for k, v in policy.named_parameters()},
-        eta_spec={k: tuple(v.shape) for k, v in reward_net.named_parameters()},
-        log_likelihood=log_likelihood,
-    )
+    return log_likelihood

@@ -14,7 +14,7 @@ pass, so memory grows linearly in ``n`` (:mod:`metagrad_rl.memory`). With
    (its intrinsic advantages, Eq 13's path, and its ratio denominator ``pi_{theta_k, eta}``)
    to ``theta_k`` and ``eta``.
 
-``eta`` stays split into its four paths (:class:`~metagrad_rl.unroll.EtaPaths`) in every
+``eta`` stays split into its four paths (:class:`~metagrad_rl.meta_problem.EtaPaths`) in every
 segment, so Eq 11-14 come out as in the stored-graph pass; truncation, the score term, both
 surrogates and denominators, flat and per-tensor updates and differentiable collectives work
 unchanged. Memory: one segment's graph (``k`` steps) plus the checkpoints; time: one extra
@@ -23,18 +23,18 @@ forward pass without a graph. ``"auto"`` takes ``k = ceil(sqrt(n))``, which bala
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torchopt
 from torch import Tensor
 
-from metagrad_rl.errors import ConfigError
+from metagrad_rl.adjoint import EARLY, POLICY, REWARD, Adjoint, unique_leaves
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.inputs import check_prepared
 from metagrad_rl.memory import GraphMemoryMeter, tree_bytes
+from metagrad_rl.meta_problem import EtaPaths, InnerSurrogate, MetaProblem, Round
 from metagrad_rl.mixed_mode import (
     OptimizerPullback,
     _differentiable,
@@ -44,78 +44,26 @@ from metagrad_rl.mixed_mode import (
     inner_gradient,
     optimizer_step,
 )
-from metagrad_rl.pytree import Params, detach, take
-from metagrad_rl.unroll import (
-    EtaPaths,
-    InnerSurrogate,
-    MetaProblem,
-    Round,
-    StepTrace,
-    _detach_leaf,
-    _flat_view,
-    check_prepared,
-    inner_step,
-    prepare_round,
+from metagrad_rl.options import (
+    SECOND_ORDER,
+    MetaGradOptions,
+    check_checkpoint_every,
+    check_second_order,
+    segment_length,
 )
+from metagrad_rl.pytree import Params, detach, take
+from metagrad_rl.step_trace import StepTrace
+from metagrad_rl.unroll import _detach_leaf, _flat_view, inner_step, prepare_round
 
-#: Index of each path of ``eta`` in :class:`EtaPaths` (outer, policy, reward, early).
-OUTER, POLICY, REWARD, EARLY = range(4)
-
-#: How a recomputed segment gets the inner loss's second-order products (``second_order``):
-#: ``"reverse"`` re-runs it with ``create_graph=True`` and differentiates the gradients again
-#: (reverse-over-reverse, the default: faster on the trainer's Hopper rounds, see
-#: ``docs/results.md``); ``"forward"`` pulls each step back through the optimizer first order
-#: and takes the Hessian products by ``torch.func.jvp`` of the inner gradient
-#: (forward-over-reverse, :mod:`metagrad_rl.mixed_mode`). The same numbers.
-SECOND_ORDER = ("reverse", "forward")
-
-
-def check_second_order(second_order: Any, checkpoint_every: Any) -> None:
-    """``"reverse"`` or ``"forward"``; ``"forward"`` needs the checkpointed pass, one process."""
-    if second_order not in SECOND_ORDER:
-        raise ConfigError(
-            f"second_order={second_order!r} is invalid: expected 'reverse' (reverse-over-reverse "
-            "Hessian products in each recomputed segment) or 'forward' (forward-over-reverse: "
-            "torch.func.jvp of the inner gradient)"
-        )
-    if second_order == "reverse":
-        return
-    if checkpoint_every is None:
-        raise ConfigError(
-            "second_order='forward' needs checkpoint_every (the checkpointed reverse pass); "
-            "the stored graph is differentiated reverse-over-reverse: pass "
-            "checkpoint_every='auto' or leave second_order='reverse'"
-        )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise ConfigError(
-                "second_order='forward' does not support data-parallel workers (a process "
-                "group of more than one): the inner loss's collectives do not run under "
-                "torch.func.jvp; use second_order='reverse'"
-            )
-
-
-def check_checkpoint_every(checkpoint_every: Any) -> None:
-    """``None`` (keep the whole graph), ``"auto"`` or an int ``>= 1``."""
-    ok = checkpoint_every is None or checkpoint_every == "auto"
-    ok = ok or (
-        isinstance(checkpoint_every, int)
-        and not isinstance(checkpoint_every, bool)
-        and checkpoint_every >= 1
-    )
-    if not ok:
-        raise ConfigError(
-            f"checkpoint_every={checkpoint_every!r} is invalid: expected None (keep every "
-            "step's graph), 'auto' (about sqrt(inner steps)) or an int >= 1 (inner steps per "
-            "recomputed segment)"
-        )
-
-
-def segment_length(checkpoint_every: int | str, n_steps: int) -> int:
-    """The ``k`` of ``checkpoint_every`` for an unroll of ``n_steps`` inner steps."""
-    if checkpoint_every == "auto":
-        return max(1, math.ceil(math.sqrt(max(n_steps, 1))))
-    return int(checkpoint_every)
+__all__ = [
+    "SECOND_ORDER",
+    "Checkpointed",
+    "Segment",
+    "check_checkpoint_every",
+    "check_second_order",
+    "forward_sweep",
+    "segment_length",
+]
 
 
 @dataclass
@@ -184,12 +132,12 @@ class Checkpointed:
         """
         x_n = _leaves(self.x_final)
         loss = outer_objective(self.view(x_n))
-        cts = [_Adjoint.of(loss, x_n, self)]
+        cts = [Adjoint.of(loss, x_n, self.paths)]
         if score_objective is not None:
             xs = [_leaves(s) for s in self.starts_x]
             objective = score_objective([self.view(s) for s in xs])
             if objective is not None:
-                cts.append(_Adjoint.of_score(objective, xs, self))
+                cts.append(Adjoint.of_score(objective, xs, self.paths, self.x_final))
         for i in reversed(range(len(self.segments))):
             seg = self.segments[i]
             self._reverse_segment(seg, cts, measure)
@@ -197,7 +145,7 @@ class Checkpointed:
                 self._reverse_prepare(seg.r, cts)
         return loss, cts[0].eta, (cts[1].eta if len(cts) > 1 else None)
 
-    def _reverse_segment(self, seg: Segment, cts: list[_Adjoint], measure: bool) -> None:
+    def _reverse_segment(self, seg: Segment, cts: list[Adjoint], measure: bool) -> None:
         """Re-run ``seg`` with its graph; pull every adjoint back to the segment's start."""
         if self.second_order == "forward":
             self._reverse_segment_forward(seg, cts, measure)
@@ -227,7 +175,7 @@ class Checkpointed:
         in_x = [x0[k] for k in names]
         in_s = [(i, t) for i, t in enumerate(s0) if _differentiable(t)]
         in_d = [(k, v) for k, v in d0.items() if _differentiable(v)]
-        eta_in = _unique([(pol, eta_pol)])
+        eta_in = unique_leaves([(pol, eta_pol)])
         inputs = in_x + [t for _, t in in_s] + [v for _, v in in_d] + [t for _, _, t in eta_in]
         keep = [o.requires_grad for o in outs]
         for c, ct in enumerate(cts):
@@ -243,7 +191,7 @@ class Checkpointed:
             i += len(in_d)
             ct.add_eta(eta_in, gs[i:])
 
-    def _reverse_segment_forward(self, seg: Segment, cts: list[_Adjoint], measure: bool) -> None:
+    def _reverse_segment_forward(self, seg: Segment, cts: list[Adjoint], measure: bool) -> None:
         """``seg`` in mixed mode: re-run it without a graph keeping each step's parameters,
         state and gradient, then pull the adjoints back step by step, last to first: through
         the optimizer first order, through the gradient by ``jvp(grad)``
@@ -263,7 +211,7 @@ class Checkpointed:
             x, state = detach(x), _detach_tree(state)
         if measure:
             self.segment_graph_bytes.append(tree_bytes([s[1:] for s in steps]))
-        eta_in = _unique([(pol, eta_pol)])
+        eta_in = unique_leaves([(pol, eta_pol)])
         wrt = self.graph_keys[seg.r]
         for j, x, state, g in reversed(steps):
             opt = OptimizerPullback(self.tx, x, state, g)
@@ -276,7 +224,7 @@ class Checkpointed:
                 ct.add_data(seg.r, h_d)
                 ct.add_eta(eta_in, [h_eta[name] for _, name, _ in eta_in])
 
-    def _reverse_prepare(self, r: int, cts: list[_Adjoint]) -> None:
+    def _reverse_prepare(self, r: int, cts: list[Adjoint]) -> None:
         """At round ``r``'s start: the prepared data's adjoint back to ``theta_k`` and ``eta``;
         the score's adjoint of ``theta_k`` joins here. A round start before the window of a
         truncated unroll is a constant: only ``eta``'s adjoint goes on."""
@@ -290,7 +238,7 @@ class Checkpointed:
         )
         keys = [k for k, v in data.items() if isinstance(v, Tensor) and v.requires_grad]
         names = list(xk)
-        eta_in = _unique([(pol, eta_pol), (rew, eta_rew)])
+        eta_in = unique_leaves([(pol, eta_pol), (rew, eta_rew)])
         inputs = ([xk[k] for k in names] if in_window else []) + [t for _, _, t in eta_in]
         for c, ct in enumerate(cts):
             gd = ct.gdata.pop(r, {})
@@ -302,83 +250,6 @@ class Checkpointed:
                 if ct.inject is not None:
                     ct.gx = {k: ct.gx[k] + ct.inject[r][k] for k in names}
             ct.add_eta(eta_in, gs[n:])
-
-
-@dataclass
-class _Adjoint:
-    """One cotangent carried back through the unroll (the outer loss's, or the score's)."""
-
-    gx: Params
-    gstate: dict[int, Tensor]
-    gdata: dict[int, dict[str, Tensor]]
-    eta: list[Params]
-    inject: list[Params] | None
-
-    @classmethod
-    def of(cls, loss: Tensor, x_n: Params, ck: Checkpointed) -> _Adjoint:
-        """The outer loss's gradient w.r.t. ``theta_{k+1}`` and ``eta``'s outer path."""
-        names = list(x_n)
-        eta_in = _unique([(OUTER, ck.paths[OUTER])])
-        inputs = [x_n[k] for k in names] + [t for _, _, t in eta_in]
-        ct = cls({}, {}, {}, [_zeros(p) for p in ck.paths], None)
-        gs = _grad_or_zeros(loss, inputs)
-        ct.gx = {k: gs[i] for i, k in enumerate(names)}
-        ct.add_eta(eta_in, gs[len(names) :])
-        return ct
-
-    @classmethod
-    def of_score(cls, objective: Tensor, xs: list[Params], ck: Checkpointed) -> _Adjoint:
-        """The score objective's gradient w.r.t. each round start and every path of ``eta``."""
-        eta_in = _unique(list(enumerate(ck.paths)))
-        flat_x = [t for x in xs for t in x.values()]
-        gs = _grad_or_zeros(objective, flat_x + [t for _, _, t in eta_in])
-        inject, i = [], 0
-        for x in xs:
-            inject.append({k: gs[i + n] for n, k in enumerate(x)})
-            i += len(x)
-        ct = cls({k: torch.zeros_like(v) for k, v in ck.x_final.items()}, {}, {}, [], inject)
-        ct.eta = [_zeros(p) for p in ck.paths]
-        ct.add_eta(eta_in, gs[i:])
-        return ct
-
-    def state_cotangent(self, i: int) -> Tensor | None:
-        """The adjoint of state leaf ``i`` (``None`` at the unroll's end: the outer loss does
-        not read the optimizer state)."""
-        return self.gstate.get(i)
-
-    def add_data(self, r: int, grads: Mapping[str, Tensor]) -> None:
-        have = self.gdata.setdefault(r, {})
-        for k, g in grads.items():
-            have[k] = g if k not in have else have[k] + g
-
-    def add_eta(self, eta_in: list[tuple[int, str, Tensor]], grads: Sequence[Tensor]) -> None:
-        for (path, name, _), g in zip(eta_in, grads):
-            self.eta[path][name] = self.eta[path][name] + g
-
-
-def _unique(groups: list[tuple[int, Params]]) -> list[tuple[int, str, Tensor]]:
-    """``(path, name, tensor)`` for each distinct tensor (a shared ``eta`` counted once)."""
-    seen: set[int] = set()
-    out = []
-    for path, params in groups:
-        for name, t in params.items():
-            if id(t) not in seen and t.requires_grad:
-                seen.add(id(t))
-                out.append((path, name, t))
-    return out
-
-
-def _grad_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    if not inputs:
-        return []
-    if not loss.requires_grad:
-        return [torch.zeros_like(t) for t in inputs]
-    gs = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
-
-
-def _zeros(params: Params) -> Params:
-    return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
 def _leaves(params: Mapping[str, Tensor]) -> Params:
@@ -396,22 +267,22 @@ def forward_sweep(
     paths: EtaPaths,
     rounds: Sequence[Round],
     opt_state: Any,
-    surrogate: InnerSurrogate,
-    checkpoint_every: int | str,
-    flat_params: bool = True,
-    truncate: int | None = None,
-    second_order: str = "reverse",
+    options: MetaGradOptions,
 ) -> Checkpointed:
     """The unroll's values with a checkpoint every ``k`` inner steps and at each round start.
 
     Each step runs on detached inputs (its graph is freed at once); the values are those of
     :func:`~metagrad_rl.unroll.unroll` (the same operations; ``prepare`` runs on the graph and
-    is detached, so it takes the same code path as in the stored-graph unroll).
-    ``second_order`` is how the reverse pass will take the Hessian products
-    (:data:`SECOND_ORDER`).
+    is detached, so it takes the same code path as in the stored-graph unroll). ``k`` is
+    ``options.checkpoint_every``; ``options.second_order`` is how the reverse pass will take
+    the Hessian products (:data:`~metagrad_rl.options.SECOND_ORDER`).
     """
-    layout = FlatLayout(theta) if flat_params else None
-    sweep = _Sweep(problem, tx, paths, rounds, surrogate, layout, checkpoint_every, truncate)
+    assert options.checkpoint_every is not None, "the forward sweep needs checkpoint_every"
+    surrogate = InnerSurrogate(options.surrogate)
+    layout = FlatLayout(theta) if options.flat_params else None
+    sweep = _Sweep(
+        problem, tx, paths, rounds, surrogate, layout, options.checkpoint_every, options.truncate
+    )
     x, state = _start(theta, tx, opt_state, layout)
     for r in range(len(rounds)):
         x, state = sweep.round(r, x, state)
@@ -435,7 +306,7 @@ def forward_sweep(
         opt_state=state if layout is None else layout.unflatten_state(state),
         round_starts=[unflat(s_) for s_ in sweep.starts_x],
         graph_keys=sweep.graph_keys,
-        second_order=second_order,
+        second_order=options.second_order,
         saw_zero_gradient=saw_zero,
         checkpoint_bytes=ck_bytes,
     )

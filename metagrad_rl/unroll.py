@@ -9,170 +9,56 @@ step written as TorchOpt's three-line differentiable step::
     updates, state = tx.update(grads, state, params=theta, inplace=False)
     theta = torchopt.apply_updates(theta, updates, inplace=False)
 
-``eta`` reaches the unroll through four *paths*, one per term of the meta-gradient
-(Eq 11-14). :class:`EtaPaths` holds one ``eta`` dict per path; passing the same tensors for
-every path gives the ordinary total derivative, passing separate leaves splits it into terms in
-one backward pass (the total derivative is the sum of the partial derivatives along the paths).
-
-A user's problem is a :class:`MetaProblem` of three pure functions (``prepare``,
-``inner_loss``, ``outer_loss``); :mod:`metagrad_rl.problems` has the built-in PPO/CLN one.
+``eta`` enters through the four paths of :class:`~metagrad_rl.meta_problem.EtaPaths`, one per
+term of the meta-gradient (Eq 11-14). The problem's types (:class:`MetaProblem`,
+:class:`Round`, :class:`EtaPaths`, :class:`InnerSurrogate`, :func:`minibatch_indices`) live in
+:mod:`metagrad_rl.meta_problem` and are importable from here too.
 """
 
 from __future__ import annotations
 
-import enum
-import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torchopt
 from torch import Tensor
 
-from metagrad_rl.errors import ConfigError, DivergenceError
+from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
+from metagrad_rl.inputs import check_prepared
+from metagrad_rl.meta_problem import (
+    SIGNATURES,
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Round,
+    check_signature,
+    minibatch_indices,
+)
 from metagrad_rl.pytree import BatchDict, Params, detach, take
+from metagrad_rl.step_trace import StepTrace
 
-
-class InnerSurrogate(enum.StrEnum):
-    """What the PPO ratio's denominator ``pi_{theta_k, eta}`` carries in the inner step.
-
-    - ``PAPER`` (``"paper"``): the denominator is a stop-gradient for the *inner* step (the
-      inner gradient is taken w.r.t. the current ``theta`` only) but is still a function of
-      ``theta_k(eta)`` and ``eta`` at the meta level. At the first inner step the ratio is
-      identically 1 in ``eta``, and the update's derivatives are exactly the paper's
-      ``E[d^2 log pi / dtheta deta A]`` (Eq 12) and ``E[d^2 log pi / dtheta^2 A]`` (Eq 14):
-      the sampling expectation is treated as fixed.
-    - ``DETACHED`` (``"detached"``): the usual ``old_logp.detach()``: the denominator is a
-      constant everywhere, so the ratio ``exp(log pi_{theta, eta} - c)`` varies with ``eta``
-      and the meta-gradient gains score-product terms
-      ``E[grad_eta log pi grad_theta log pi^T A]`` absent from the paper's expansion.
-    """
-
-    PAPER = "paper"
-    DETACHED = "detached"
-
-
-@dataclass(frozen=True)
-class MetaProblem:
-    """A bilevel problem: three pure functions in which ``eta`` enters by keyword.
-
-    ``prepare(batch, *, eta_reward, theta_old, eta_policy_old) -> dict``
-        Per-round data computed once per round from the round's batch: the intrinsic
-        advantages (``eta_reward``, the Eq 13 path) and the ratio's denominator
-        ``log pi_{theta_old, eta_policy_old}`` (its graph is set by :class:`InnerSurrogate`).
-        Every returned tensor has the minibatch index as its leading dimension.
-    ``inner_loss(theta, minibatch, *, eta_policy) -> Tensor``
-        The inner (policy-round) loss on one minibatch of ``prepare``'s output; ``eta_policy``
-        is the policy's conditioning (the Eq 12 path).
-    ``outer_loss(theta, batch, *, eta_policy, theta_den, eta_den) -> Tensor``
-        The outer (validation-round) loss ``L_out = -J_ex`` on the outer batch;
-        ``eta_policy`` is the Eq 11 path; ``theta_den``/``eta_den`` are detached parameters
-        of the ratio's denominator (Eq 24).
-    """
-
-    prepare: Callable[..., dict[str, Tensor]]
-    inner_loss: Callable[..., Tensor]
-    outer_loss: Callable[..., Tensor]
-    #: Optional ``{name: shape}`` of the expected ``theta`` and ``eta``: when given, the engine
-    #: checks the dicts it is handed against them and names any mismatch.
-    theta_spec: Mapping[str, tuple[int, ...]] | None = None
-    eta_spec: Mapping[str, tuple[int, ...]] | None = None
-    #: Optional ``log_likelihood(theta, batch, *, eta_policy) -> Tensor``: ``log p(batch)``
-    #: under ``pi_{theta, eta}`` (the sum of the actions' log-probabilities), for the
-    #: sampling-aware score-function term (``docs/estimators.md``).
-    log_likelihood: Callable[..., Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        for role in SIGNATURES:
-            fn = getattr(self, role)
-            if fn is not None or role != "log_likelihood":
-                check_signature(role, fn)
-
-
-#: What the engine calls each of :class:`MetaProblem`'s functions with: positional arguments,
-#: then keywords (a function may accept more, with defaults or ``**kwargs``).
-SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("batch",), ("eta_reward", "theta_old", "eta_policy_old")),
-    "inner_loss": (("theta", "minibatch"), ("eta_policy",)),
-    "outer_loss": (("theta", "batch"), ("eta_policy", "theta_den", "eta_den")),
-    "log_likelihood": (("theta", "batch"), ("eta_policy",)),
-}
-
-
-def check_signature(role: str, fn: Any) -> None:
-    """One :class:`ConfigError` unless ``fn`` can be called as :data:`SIGNATURES` ``[role]``.
-
-    Names the function, the keyword it lacks (or the argument it requires that the engine
-    never passes) and the expected signature. A callable whose signature Python cannot read
-    (some builtins) is accepted as it is.
-    """
-    positional, keywords = SIGNATURES[role]
-    expected = f"{role}({', '.join(positional)}, *, {', '.join(keywords)})"
-    if not callable(fn):
-        raise ConfigError(
-            f"MetaProblem's {role} is not callable ({type(fn).__name__}): expected {expected}"
-        )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    params = sig.parameters.values()
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    named = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-    missing = [k for k in keywords if k not in named and not takes_any]
-    if missing:
-        raise ConfigError(
-            f"MetaProblem's {role} {name}{sig} does not take the keyword {missing[0]!r}: "
-            f"expected {expected}"
-        )
-    try:
-        sig.bind(*positional, **dict.fromkeys(keywords))
-    except TypeError as err:
-        raise ConfigError(
-            f"MetaProblem's {role} {name}{sig} cannot be called the way the engine calls it "
-            f"({err}): expected {expected}"
-        ) from None
-
-
-class Round(NamedTuple):
-    """One policy round: its batch and the ordered minibatch index tensors of its steps."""
-
-    batch: BatchDict
-    minibatches: Sequence[Tensor]
-
-
-class EtaPaths(NamedTuple):
-    """One ``eta`` dict per path through which ``eta`` reaches the outer loss.
-
-    - ``outer``: the policy conditioning in the outer loss (Eq 11);
-    - ``policy``: the policy conditioning inside the last round (numerator and, for
-      ``InnerSurrogate.PAPER``, denominator of the ratio) (Eq 12);
-    - ``reward``: the intrinsic advantages of the last round (Eq 13);
-    - ``early``: everything in the rounds before the last one, i.e. ``theta_k(eta)`` (Eq 14).
-    """
-
-    outer: Params
-    policy: Params
-    reward: Params
-    early: Params
-
-    @classmethod
-    def shared(cls, eta: Params) -> EtaPaths:
-        """The same ``eta`` on every path: gradients of it are total derivatives."""
-        return cls(eta, eta, eta, eta)
-
-    @classmethod
-    def leaves(cls, eta: Mapping[str, Tensor]) -> EtaPaths:
-        """Four independent leaf copies of ``eta``, one per path (for the term split)."""
-
-        def leaf() -> Params:
-            return {k: v.detach().clone().requires_grad_(True) for k, v in eta.items()}
-
-        return cls(leaf(), leaf(), leaf(), leaf())
+__all__ = [
+    "SIGNATURES",
+    "Anchor",
+    "EtaPaths",
+    "InnerSurrogate",
+    "MetaProblem",
+    "Round",
+    "StepTrace",
+    "UnrollResult",
+    "anchor_at",
+    "check_prepared",
+    "check_signature",
+    "inner_step",
+    "meta_objective",
+    "minibatch_indices",
+    "outer_loss_at",
+    "prefix_rounds",
+    "prepare_round",
+    "unroll",
+]
 
 
 class Anchor(NamedTuple):
@@ -201,97 +87,6 @@ class UnrollResult(NamedTuple):
     #: Did any inner gradient entry come out exactly 0 (where ``sqrt(v)`` of an Adam-family
     #: optimizer without ``eps_root`` has no derivative)? Used to explain a non-finite backward.
     saw_zero_gradient: bool = False
-
-
-class StepTrace:
-    """Per inner step, flags kept as tensors (one sync per round, not one per step).
-
-    ``loss finite``, ``gradient finite``, ``theta finite after the step``, ``gradient has an
-    exact zero``, and ``max |theta|`` before the step; :meth:`check` names the first step at
-    which a value stopped being finite, and whether ``theta`` had run away before it.
-    """
-
-    #: ``max |theta|`` above which a non-finite value is blamed on a diverging optimizer.
-    RUNAWAY = 1e15
-
-    def __init__(self) -> None:
-        self.flags: list[Tensor] = []
-        self.sizes: list[Tensor] = []
-        self.where: list[tuple[int, int]] = []
-        self.losses: list[Tensor] = []
-
-    def record(
-        self, r: int, j: int, loss: Tensor, grads: Sequence[Tensor], before: Params, x: Params
-    ) -> None:
-        self.where.append((r, j))
-        self.losses.append(loss.detach())
-        self.sizes.append(torch.stack([v.detach().abs().max() for v in before.values()]).max())
-        self.flags.append(
-            torch.stack(
-                [
-                    torch.isfinite(loss.detach()),
-                    torch.stack([torch.isfinite(g.detach()).all() for g in grads]).all(),
-                    torch.stack([torch.isfinite(v.detach()).all() for v in x.values()]).all(),
-                    torch.stack([(g.detach() == 0).any() for g in grads]).any(),
-                ]
-            )
-        )
-
-    def check(self) -> bool:
-        """Raise at the first non-finite value (:class:`DivergenceError` when the updates ran away,
-        :class:`ConfigError` when the loss or its derivative is itself not finite); return
-        ``saw_zero``."""
-        if not self.flags:
-            return False
-        flags = torch.stack(self.flags).cpu()
-        ok = flags[:, :3].all(dim=1)
-        if bool(ok.all()):
-            return bool(flags[:, 3].any())
-        i = int((~ok).nonzero()[0])
-        (r, j), loss, size = self.where[i], float(self.losses[i]), float(self.sizes[i])
-        at = f"round {r}, inner step {j}"
-        if size > self.RUNAWAY or not bool(flags[i, 2]) and bool(flags[i, :2].all()):
-            raise DivergenceError(
-                f"theta became non-finite at {at}: the optimizer's updates diverged (max |theta| "
-                f"was {size:.3g} before this step, its loss {loss:.6g}); lower the step size"
-            )
-        if not bool(flags[i, 0]):
-            raise ConfigError(
-                f"inner_loss returned {loss} at {at}: the inner loss itself is not finite "
-                f"(max |theta| {size:.3g}; check the loss for log/sqrt/division of invalid values)"
-            )
-        raise ConfigError(
-            f"the inner gradient at {at} is not finite although the loss is ({loss:.6g}): the "
-            "inner loss has an infinite derivative there (e.g. sqrt or log at 0)"
-        )
-
-
-def check_prepared(data: Any, r: int, rnd: Round) -> None:
-    """``prepare``'s output: a dict of finite tensors whose leading dimension the indices fit.
-
-    A 0-d tensor is a per-round quantity shared by every minibatch; anything else must have
-    the minibatch index as its leading dimension.
-    """
-    if not isinstance(data, Mapping):
-        kind = type(data).__name__
-        raise ConfigError(f"prepare returned a {kind} for round {r}: expected a dict of tensors")
-    need = 1 + max(int(idx.max()) for idx in rnd.minibatches)
-    for k, v in data.items():
-        if not isinstance(v, Tensor):
-            raise ConfigError(
-                f"prepare returned {type(v).__name__} for {k!r} (round {r}): expected a tensor"
-            )
-        if v.dim() > 0 and v.shape[0] < need:
-            raise ConfigError(
-                f"prepare returned {k!r} with shape {tuple(v.shape)} for round {r}, but the "
-                f"minibatch indices reach {need - 1}: per-sample quantities need the sample "
-                "index as their leading dimension (a 0-d tensor is shared by every minibatch)"
-            )
-        if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()):
-            raise ConfigError(
-                f"prepare returned non-finite values in {k!r} for round {r} "
-                f"({int((~torch.isfinite(v.detach())).sum())} of {v.numel()})"
-            )
 
 
 def inner_step(
@@ -335,7 +130,7 @@ def prepare_round(
     theta_k: Params,
     eta_policy: Params,
     eta_reward: Params,
-    surrogate: InnerSurrogate,
+    surrogate: InnerSurrogate | str,
     frozen: tuple[Params, Params] | None = None,
 ) -> dict[str, Tensor]:
     """Per-round data; the denominator follows ``theta_k, eta`` only for ``PAPER``.
@@ -359,7 +154,7 @@ def unroll(
     paths: EtaPaths,
     rounds: Sequence[Round],
     opt_state: Any = None,
-    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
     create_graph: bool = True,
     anchor: Anchor | None = None,
     flat_params: bool = True,
@@ -380,15 +175,7 @@ def unroll(
     the window. Values are unchanged; earlier steps run without a graph.
     """
     layout = FlatLayout(theta) if flat_params else None
-    x: Params
-    if layout is None:
-        x = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
-        view = None
-        state = tx.init(x) if opt_state is None else opt_state
-    else:
-        x = {FLAT_KEY: layout.flatten(theta).detach().clone().requires_grad_(True)}
-        view = _flat_view(layout)
-        state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    x, view, state = _optimizer_start(tx, theta, opt_state, layout)
     n_steps = sum(len(rnd.minibatches) for rnd in rounds)
     cut = 0 if truncate is None else max(0, n_steps - truncate)
     starts: list[Params] = []
@@ -426,6 +213,22 @@ def unroll(
         return UnrollResult(x, state, starts, saw_zero)
     theta_out = layout.unflatten(x[FLAT_KEY])
     return UnrollResult(theta_out, layout.unflatten_state(state), starts, saw_zero)
+
+
+def _optimizer_start(
+    tx: torchopt.base.GradientTransformation,
+    theta: Mapping[str, Tensor],
+    opt_state: Any,
+    layout: FlatLayout | None,
+) -> tuple[Params, Callable[[Params], Params] | None, Any]:
+    """What the optimizer updates -- fresh leaves of ``theta``, or with ``layout`` one flat
+    vector and the view that hands the losses their dict -- and its state."""
+    if layout is None:
+        x = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+        return x, None, tx.init(x) if opt_state is None else opt_state
+    x = {FLAT_KEY: layout.flatten(theta).detach().clone().requires_grad_(True)}
+    state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
+    return x, _flat_view(layout), state
 
 
 def _restart(
@@ -492,7 +295,7 @@ def meta_objective(
     rounds: Sequence[Round],
     outer_batch: BatchDict,
     opt_state: Any = None,
-    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
     denominator: str = "theta_k",
     anchor: Anchor | None = None,
     truncate: int | None = None,
@@ -522,7 +325,7 @@ def anchor_at(
     eta: Mapping[str, Tensor],
     rounds: Sequence[Round],
     opt_state: Any = None,
-    surrogate: InnerSurrogate = InnerSurrogate.PAPER,
+    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
     truncate: int | None = None,
 ) -> Anchor:
     """The :class:`Anchor` at ``eta``: round starts and ``theta_{k+1}`` of a plain unroll, and
@@ -542,20 +345,3 @@ def anchor_at(
 
 def _detach_leaf(t: Any) -> Any:
     return t.detach() if isinstance(t, Tensor) else t
-
-
-def minibatch_indices(
-    n: int, epochs: int, num_minibatches: int, generator: torch.Generator | None = None
-) -> list[Tensor]:
-    """PPO's schedule: ``epochs`` shuffles of ``range(n)`` cut into ``num_minibatches``."""
-    if n <= 0 or epochs <= 0 or num_minibatches <= 0 or num_minibatches > n:
-        raise ConfigError(
-            f"cannot cut {n} samples into {num_minibatches} minibatches for {epochs} epochs: "
-            "expected n >= num_minibatches >= 1 and epochs >= 1"
-        )
-    size = math.ceil(n / num_minibatches)
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator)
-        out += [perm[s : s + size] for s in range(0, n, size)]
-    return out

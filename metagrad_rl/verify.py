@@ -23,8 +23,8 @@ moments -- moves with ``eta``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Unpack
 
 import torch
 import torchopt
@@ -34,19 +34,13 @@ from torch.autograd.gradcheck import GradcheckError
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FlatLayout
 from metagrad_rl.inputs import check_outer_batch
+from metagrad_rl.meta_problem import EtaPaths, MetaProblem, Round
 from metagrad_rl.metagrad import meta_gradient
 from metagrad_rl.optim import check_differentiable
-from metagrad_rl.pytree import TERMS, BatchDict, flatten
-from metagrad_rl.unroll import (
-    Anchor,
-    EtaPaths,
-    InnerSurrogate,
-    MetaProblem,
-    Params,
-    Round,
-    anchor_at,
-    meta_objective,
-)
+from metagrad_rl.options import MetaGradKeywords, MetaGradOptions
+from metagrad_rl.pytree import TERMS, BatchDict, Params, flatten
+from metagrad_rl.terms import MetaGradResult
+from metagrad_rl.unroll import Anchor, anchor_at, meta_objective
 
 #: The path each term moves (the others stay at ``eta``): the fields of :class:`EtaPaths`.
 TERM_PATHS = {"eq11": "outer", "eq12": "policy", "eq13": "reward", "eq14": "early"}
@@ -218,8 +212,6 @@ def verify_meta_gradient(
     outer_batch: BatchDict | None = None,
     *,
     opt_state: Any = None,
-    surrogate: InnerSurrogate | str = InnerSurrogate.PAPER,
-    denominator: str = "theta_k",
     rtol: float = 1e-5,
     eps: float = 1e-6,
     directions: int = 2,
@@ -227,11 +219,9 @@ def verify_meta_gradient(
     sum_atol: float = 1e-10,
     sum_rtol: float = 1e-10,
     seed: int = 0,
-    allow_graph_cuts: bool = False,
     raise_on_failure: bool = False,
-    truncate: int | None = None,
-    checkpoint_every: int | str | None = None,
-    second_order: str = "reverse",
+    options: MetaGradOptions | None = None,
+    **keywords: Unpack[MetaGradKeywords],
 ) -> VerificationReport:
     """Verify the total meta-gradient and each of Eq 11-14 against finite differences.
 
@@ -251,53 +241,46 @@ def verify_meta_gradient(
             ``1e8`` is judged as one of order 1, and terms that cancel are allowed their
             rounding error).
         sum_rtol: the relative part of that tolerance.
-        allow_graph_cuts: verify an optimizer with parts that leave the graph (see
-            :func:`metagrad_rl.metagrad.meta_gradient`); it then fails, as it should.
         raise_on_failure: raise :class:`VerificationError` (the report's text) on failure.
-        truncate: verify the truncated meta-gradient through the last ``truncate`` inner steps
-            (its constants -- ``theta`` and optimizer state where those steps begin -- are
-            frozen at ``eta`` like the stop-gradient denominators).
-        checkpoint_every: compute the meta-gradient under test by the checkpointed reverse
-            pass (:func:`metagrad_rl.metagrad.meta_gradient`); the finite differences are the
-            same.
-        second_order: ``"reverse"`` or ``"forward"``: how that pass takes its Hessian products.
+        options: how the meta-gradient under test is computed, as for
+            :func:`metagrad_rl.metagrad.meta_gradient` (``terms`` is set by the verifier:
+            the split and the total are both computed).
+        **keywords: fields of :class:`~metagrad_rl.options.MetaGradOptions` replacing those
+            of ``options``. With ``allow_graph_cuts`` an optimizer with parts that leave the
+            graph is verified (it then fails, as it should); with ``truncate`` the truncated
+            meta-gradient is verified (its constants -- ``theta`` and optimizer state where
+            the last ``truncate`` steps begin -- are frozen at ``eta`` like the stop-gradient
+            denominators); with ``checkpoint_every`` (and ``second_order``) the meta-gradient
+            under test comes from the checkpointed reverse pass, the finite differences are
+            the same.
     """
     outer_batch = check_outer_batch(outer_batch)
     _check_float64(theta, eta, outer_batch)
-    check_differentiable(optimizer, allow_graph_cuts)
-    surrogate = InnerSurrogate(surrogate)
-    kw: dict[str, Any] = dict(
-        opt_state=opt_state, surrogate=surrogate, denominator=denominator, truncate=truncate
-    )
-    mg_kw = dict(
-        kw,
-        allow_graph_cuts=allow_graph_cuts,
-        checkpoint_every=checkpoint_every,
-        second_order=second_order,
-    )
-    split = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=True, **mg_kw)
-    whole = meta_gradient(problem, optimizer, theta, eta, rounds, outer_batch, terms=False, **mg_kw)
+    opts = MetaGradOptions.of(options, **keywords)
+    check_differentiable(optimizer, opts.allow_graph_cuts)
+    args = (problem, optimizer, theta, eta, rounds, outer_batch)
+    split = meta_gradient(*args, opt_state=opt_state, options=replace(opts, terms=True))
+    whole = meta_gradient(*args, opt_state=opt_state, options=replace(opts, terms=False))
+    sum_err, sum_tol = _term_sum_error(split, whole, sum_atol, sum_rtol)
     total = flatten(whole.total)
-    sum_err = float((flatten(split.total) - total).abs().max())
-    parts = [whole.total, *(getattr(split, name) for name in TERMS)]
-    sum_scale = max(float(flatten(t).abs().max()) for t in parts)
-    sum_tol = sum_atol + sum_rtol * sum_scale
     total_norm = float(total.norm())
 
-    anchor = anchor_at(problem, optimizer, theta, eta, rounds, opt_state, surrogate, truncate)
-    objective = path_objective(problem, optimizer, theta, anchor, rounds, outer_batch, **kw)
-    x = flatten(eta).detach().clone().requires_grad_(True)
-    scale = float(total.abs().max())
+    anchor = anchor_at(
+        problem, optimizer, theta, eta, rounds, opt_state, opts.surrogate, opts.truncate
+    )
+    objective = path_objective(
+        problem, optimizer, theta, anchor, rounds, outer_batch, opt_state=opt_state,
+        surrogate=opts.surrogate, denominator=opts.denominator, truncate=opts.truncate,
+    )  # fmt: skip
     layout = FlatLayout(eta)
     ok, msg = _gradcheck(
-        lambda vec: objective(EtaPaths.shared(layout.unflatten(vec))), x, eps, rtol * scale, rtol
+        lambda vec: objective(EtaPaths.shared(layout.unflatten(vec))),
+        flatten(eta).detach().clone().requires_grad_(True),
+        eps,
+        rtol * float(total.abs().max()),
+        rtol,
     )
-
-    gen = torch.Generator().manual_seed(seed)
-    dirs = []
-    for _ in range(directions):
-        v = torch.randn(total.shape, generator=gen, dtype=total.dtype)
-        dirs.append(layout.unflatten(v / v.norm()))
+    dirs = random_directions(layout, directions, seed, total.dtype)
     checks = {
         name: _check_term(name, getattr(split, name), objective, eta, dirs, total_norm, rtol, h)
         for name in TERMS
@@ -308,3 +291,25 @@ def verify_meta_gradient(
     if raise_on_failure:
         report.raise_if_failed()
     return report
+
+
+def _term_sum_error(
+    split: MetaGradResult, whole: MetaGradResult, sum_atol: float, sum_rtol: float
+) -> tuple[float, float]:
+    """The largest entry of ``eq11 + .. + eq14 - total`` (the total from one shared ``eta``)
+    and its tolerance ``sum_atol + sum_rtol * s``, ``s`` the largest entry of any of them."""
+    total = flatten(whole.total)
+    sum_err = float((flatten(split.total) - total).abs().max())
+    parts = [whole.total, *(getattr(split, name) for name in TERMS)]
+    sum_scale = max(float(flatten(t).abs().max()) for t in parts)
+    return sum_err, sum_atol + sum_rtol * sum_scale
+
+
+def random_directions(layout: FlatLayout, n: int, seed: int, dtype: torch.dtype) -> list[Params]:
+    """``n`` random unit directions in ``eta``'s space (shaped like ``eta``), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = []
+    for _ in range(n):
+        v = torch.randn((sum(layout.sizes),), generator=gen, dtype=dtype)
+        dirs.append(layout.unflatten(v / v.norm()))
+    return dirs
