@@ -40,7 +40,7 @@ from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimi
 from metagrad_rl.trainers.common import optimizer_state_from_list
 from metagrad_rl.unroll import InnerSurrogate, Round
 from termbench.common import ENTRY_POINT, Row, cos, env_dims, markdown, nets_for
-from termbench.cost import peak_rss_bytes
+from termbench.cost_memory import peak_rss_bytes
 from termbench.plots import legend_outside, pyplot, save_png, styles
 
 ROUNDS = (1, 2, 3, 5, 10)
