@@ -7,8 +7,10 @@
 #   lirpg; walker: ppo, cln-frozen, cln-eq17 on Walker2d-v5; rin-sweep: cln-eq17 on Hopper-v5
 #   with --r-in-coef in RIN_COEFS (default "0.01 0.03") on SWEEP_SEEDS (default "1 2 3");
 #   ladder-ln: PPO with --conditioning layernorm on SWEEP_SEEDS),
-#   ESTIMATORS (Figure 5's --meta-grad choices), FIG4_ALGOS (any of ppo lirpg cln-eq17),
-#   OUT (default runs/learning), BIN (the metagrad-rl command).
+#   ESTIMATORS (Figure 5's --meta-grad choices; default: every entry of the --meta-grad
+#   registry, metagrad_rl/trainers/meta_grads.py, the set benchmarks/termbench/learning.py
+#   plots), FIG4_ALGOS (any of ppo lirpg cln-eq17), OUT (default runs/learning), BIN (the
+#   metagrad-rl command), PYTHON (the venv's python, to read the registry).
 # Each run is `metagrad-rl train ...` into $OUT/<name>; finished runs are skipped, so the
 # script can be re-run after an interruption (killed runs restart from their last checkpoint).
 # NICE (default 0) lowers the runs' priority so the machine stays usable. Issue 15's runs:
@@ -21,8 +23,9 @@ JOBS=${2:-2}
 SEEDS=${SEEDS:-1 2 3}
 RUN_GROUPS=${RUN_GROUPS:-fig5 fig4}
 FIG4_ALGOS=${FIG4_ALGOS:-ppo lirpg cln-eq17}
-ESTIMATORS=${ESTIMATORS:-eq17 lirpg three-term exact sampling-aware}
 BIN=${BIN:-.venv/bin/metagrad-rl}
+PYTHON=${PYTHON:-.venv/bin/python}
+ESTIMATORS=${ESTIMATORS:-$("$PYTHON" -c 'from metagrad_rl.trainers.meta_grads import META_GRADS; print(*META_GRADS)')}
 OUT=${OUT:-runs/learning}
 NICE=${NICE:-0}
 mkdir -p "$OUT"

@@ -23,6 +23,7 @@ from metagrad_rl.trainers.bilevel import (
 from metagrad_rl.trainers.common import (
     optimizer_state_from_list,
 )
+from metagrad_rl.trainers.meta_grads import MetaGradContext, get
 from metagrad_rl.unroll import Round
 from termbench.common import Row, cos, env_dims, markdown, nets_for
 from termbench.plots import legend_outside, pyplot, save_png, styles
@@ -30,8 +31,20 @@ from termbench.plots import legend_outside, pyplot, save_png, styles
 # =================================================================================================
 # 1. ACCURACY: every term on the trainer's stored batches
 # =================================================================================================
-#: Estimators compared with the exact total (``g17`` is Eq 17 at the trainer's theta_{k+1}).
-ESTIMATORS = ("eq17", "lirpg", "three-term", "lirpg-lookahead", "three-term-lookahead", "total-R1")
+#: Estimators compared with the exact total: each row is a ``--meta-grad`` entry of the
+#: registry, its ``apply`` evaluated on one of the engine's results -- ``"round"``: the real
+#: round(s) of the row (R = 1 or 2), ``"lookahead"``: the ``lookahead_steps``-step full-batch
+#: look-ahead the trainer uses for it, ``"R1"``: the one-round unroll (Eq 17 is always at the
+#: trainer's theta_{k+1}).
+ROWS = {
+    "eq17": ("eq17", "round"),
+    "lirpg": ("lirpg", "round"),
+    "three-term": ("three-term", "round"),
+    "lirpg-lookahead": ("lirpg", "lookahead"),
+    "three-term-lookahead": ("three-term", "lookahead"),
+    "total-R1": ("exact", "R1"),
+}
+ESTIMATORS = tuple(ROWS)
 
 
 def checkpoint_indices(n_meta: int, k: int) -> list[int]:
@@ -60,7 +73,8 @@ def terms_at(
     look_rnd = Round(inp.batch, [full] * cfg.lookahead_steps)
     kw = dict(surrogate=cfg.surrogate, denominator=cfg.denominator, terms=True)
     theta_den = inp.theta if cfg.denominator == "theta_k" else step.theta_next
-    g17 = flatten(eq17_gradient(problem, step.theta_next, eta, outer, theta_den, eta))
+    g17_dict = eq17_gradient(problem, step.theta_next, eta, outer, theta_den, eta)
+    g17 = flatten(g17_dict)
     look = meta_gradient(problem, tx, inp.theta, eta, [look_rnd], outer, opt_state=state, **kw)
     res1 = meta_gradient(problem, tx, inp.theta, eta, [rnd], outer, opt_state=state, **kw)
     runs = [(1, res1)]
@@ -75,13 +89,10 @@ def terms_at(
     for r, res in runs:
         t = {n: flatten(getattr(res, n)) for n in ("eq11", "eq12", "eq13", "eq14", "total")}
         total = t["total"]
+        on = {"round": res, "lookahead": look, "R1": res1}
         est = {
-            "eq17": g17,
-            "lirpg": t["eq13"],
-            "three-term": g17 + t["eq12"] + t["eq13"],
-            "lirpg-lookahead": flatten(look.eq13),
-            "three-term-lookahead": g17 + flatten(look.eq12) + flatten(look.eq13),
-            "total-R1": flatten(res1.total),
+            col: flatten(get(name).apply(MetaGradContext(on[which], lambda: g17_dict))[0])
+            for col, (name, which) in ROWS.items()
         }
         tn = float(total.norm())
         row: Row = {"R": r, "norm_total": tn}

@@ -20,6 +20,7 @@ from metagrad_rl.networks import (
 )
 from metagrad_rl.pytree import cosine as cos  # noqa: F401  (re-exported)
 from metagrad_rl.trainers import bilevel
+from metagrad_rl.trainers.meta_grads import META_GRADS, get
 
 #: The benchmarks folder, and the command line every section's subprocess re-enters.
 BENCHMARKS = Path(__file__).resolve().parents[1]
@@ -52,9 +53,17 @@ class Budget:
     """Steps of each tiny learning run (used when no learning_runs.sh runs exist)."""
     learn_seeds: tuple[int, ...]
     learn_meta_grads: tuple[str, ...]
+    """``--meta-grad`` entries of the tiny learning runs (checked against the registry)."""
     mujoco_draws: int
     """Independent (tau_k, tau_k+1) draws of the MuJoCo variance experiment."""
     tabular_batch_sizes: tuple[int, ...]
+
+
+def registered(*names: str) -> tuple[str, ...]:
+    """``names`` of the ``--meta-grad`` registry, in its order (an unknown name is an error)."""
+    for name in names:
+        get(name)
+    return tuple(n for n in META_GRADS if n in names)
 
 
 SMALL = Budget(
@@ -65,7 +74,7 @@ SMALL = Budget(
     scaling=((1, 1), (10, 1), (40, 1), (160, 1), (320, 1), (320, 2), (320, 3)),
     learn_steps=6_144,
     learn_seeds=(1, 2),
-    learn_meta_grads=("eq17", "lirpg", "three-term", "exact"),
+    learn_meta_grads=registered("eq17", "lirpg", "three-term", "exact"),
     mujoco_draws=8,
     tabular_batch_sizes=(1, 2, 4),
 )
@@ -77,7 +86,7 @@ FULL = Budget(
     scaling=((1, 1), (10, 1), (40, 1), (160, 1), (320, 1), (320, 2), (320, 3)),
     learn_steps=6_144,
     learn_seeds=(1, 2, 3),
-    learn_meta_grads=("eq17", "lirpg", "three-term", "exact", "sampling-aware"),
+    learn_meta_grads=registered("eq17", "lirpg", "three-term", "exact", "sampling-aware"),
     mujoco_draws=32,
     tabular_batch_sizes=(1, 2, 4, 8),
 )
