@@ -135,6 +135,30 @@ def graph_mib(
     return res.diagnostics["graph_bytes"] / 2**20
 
 
+def _truncations(
+    args: tuple,
+    kw: dict[str, Any],
+    exact: tuple[Tensor, float],
+    memory: bool,
+    ests: dict[str, tuple[Tensor, float]],
+    same: set[str],
+    mib: dict[str, float],
+) -> None:
+    """``truncated-k<k>`` for the ``k`` of these rounds into ``ests`` (the exact total itself,
+    in ``same``, when ``k`` covers every inner step), with its graph's MiB when ``memory``."""
+    rounds = args[4]
+    for k in KS_R1 if len(rounds) == 1 else KS_R2:
+        name = f"truncated-k{k}"
+        if k >= sum(len(r.minibatches) for r in rounds):
+            ests[name] = exact
+            same.add(name)
+            continue
+        res, t = timed(lambda k=k: meta_gradient(*args, terms=False, truncate=k, **kw))
+        ests[name] = (flatten(res.total), t)
+        if memory:
+            mib[name] = graph_mib(*args, terms=False, truncate=k, **kw)
+
+
 def estimator_rows(
     problem: Any,
     tx: Any,
@@ -162,16 +186,7 @@ def estimator_rows(
         mib["exact"] = graph_mib(*args, terms=False, **kw)
     ests: dict[str, tuple[Tensor, float]] = {"exact": (total, t_exact)}
     same = {"exact"}  # estimators read off the exact total's own unroll and backward pass
-    for k in KS_R1 if len(rounds) == 1 else KS_R2:
-        name = f"truncated-k{k}"
-        if k >= sum(len(r.minibatches) for r in rounds):
-            ests[name] = (total, t_exact)
-            same.add(name)
-            continue
-        res, t = timed(lambda k=k: meta_gradient(*args, terms=False, truncate=k, **kw))
-        ests[name] = (flatten(res.total), t)
-        if memory:
-            mib[name] = graph_mib(*args, terms=False, truncate=k, **kw)
+    _truncations(args, kw, (total, t_exact), memory, ests, same, mib)
     live = [n for n in TERMS if len(rounds) > 1 or n != "eq14"]
     for size in range(1, len(live)):
         for names in itertools.combinations(live, size):
