@@ -7,9 +7,9 @@
 #   lirpg; walker: ppo, cln-frozen, cln-eq17 on Walker2d-v5; rin-sweep: cln-eq17 on Hopper-v5
 #   with --r-in-coef in RIN_COEFS (default "0.01 0.03") on SWEEP_SEEDS (default "1 2 3");
 #   ladder-ln: PPO with --conditioning layernorm on SWEEP_SEEDS),
-#   ESTIMATORS (Figure 5's --meta-grad choices; default: every entry of the --meta-grad
-#   registry, metagrad_rl/trainers/meta_grads.py, the set benchmarks/termbench/learning.py
-#   plots), FIG4_ALGOS (any of ppo lirpg cln-eq17), OUT (default runs/learning), BIN (the
+#   ESTIMATORS (Figure 5's --meta-grad choices, checked against the registry in
+#   metagrad_rl/trainers/meta_grads.py; default: eq17 lirpg three-term exact sampling-aware;
+#   "all": every entry of the registry), FIG4_ALGOS (any of ppo lirpg cln-eq17), OUT (default runs/learning), BIN (the
 #   metagrad-rl command), PYTHON (the venv's python, to read the registry).
 # Each run is `metagrad-rl train ...` into $OUT/<name>; finished runs are skipped, so the
 # script can be re-run after an interruption (killed runs restart from their last checkpoint).
@@ -25,7 +25,19 @@ RUN_GROUPS=${RUN_GROUPS:-fig5 fig4}
 FIG4_ALGOS=${FIG4_ALGOS:-ppo lirpg cln-eq17}
 BIN=${BIN:-.venv/bin/metagrad-rl}
 PYTHON=${PYTHON:-.venv/bin/python}
-ESTIMATORS=${ESTIMATORS:-$("$PYTHON" -c 'from metagrad_rl.trainers.meta_grads import META_GRADS; print(*META_GRADS)')}
+# Figure 5's five estimators by default, each checked against the --meta-grad registry (an
+# unknown name stops here with the registry's one-line error); ESTIMATORS=all runs every entry
+FIG5="eq17 lirpg three-term exact sampling-aware"
+ESTIMATORS=$("$PYTHON" -c '
+import sys
+from metagrad_rl.errors import ConfigError
+from metagrad_rl.trainers.meta_grads import META_GRADS, get
+names = list(META_GRADS) if sys.argv[1:] == ["all"] else sys.argv[1:]
+try:
+    [get(n) for n in names]
+except ConfigError as err:
+    sys.exit(f"learning_runs.sh: ESTIMATORS: {err}")
+print(*names)' ${ESTIMATORS:-$FIG5})
 OUT=${OUT:-runs/learning}
 NICE=${NICE:-0}
 mkdir -p "$OUT"
