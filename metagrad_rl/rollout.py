@@ -3,7 +3,7 @@
 Per-step policy inference dominates PPO's wall time on MuJoCo (an env step costs ~100 us, a
 small torch forward about as much again). The collector therefore samples actions from the
 policy's ``sampler`` (for the Gaussian policy a float32 numpy copy,
-:class:`~metagrad_rl.networks.NumpyPolicy`, refreshed once per rollout, exact up to float
+:class:`~metagrad_rl.numpy_policy.NumpyPolicy`, refreshed once per rollout, exact up to float
 rounding) and computes ``logp``, ``V(s_t)`` and ``V(s_{t+1})`` afterwards in one batched
 torch call each. Gradients never flow into a rollout: every tensor of a :class:`Batch` is data.
 

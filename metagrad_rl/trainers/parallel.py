@@ -55,6 +55,7 @@ from metagrad_rl.envs import RunningMeanStd
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.pytree import PARTS
 from metagrad_rl.rollout import EpisodeStats
+from metagrad_rl.trainers.round_sums import RoundSums
 
 #: Checkpoint entries that differ between workers (the rest is the same on every worker).
 PER_RANK_KEYS = ("collector", "update_gen", "torch_rng", "pending")
@@ -79,12 +80,6 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _plain_sum(x: Tensor) -> Tensor:
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y
 
 
 def _average_plain() -> torchopt.base.GradientTransformation:
@@ -112,38 +107,6 @@ def _average_plain() -> torchopt.base.GradientTransformation:
 def minibatch_generator(seed: int) -> torch.Generator:
     """The minibatch-order generator of a worker seeded ``seed`` (both trainers)."""
     return torch.Generator().manual_seed(seed + 2_000_003)
-
-
-class RoundSums:
-    """``sum_over_workers`` for :func:`~metagrad_rl.advantages.normalize` in a plain round,
-    without a collective per minibatch.
-
-    ``normalize`` asks for two union sums per minibatch: ``[sum x, count]``, then
-    ``sum (x - mean)^2``. The advantages are constants during a plain round, so
-    :meth:`prepare` takes every minibatch's first sums in one all-reduce, then every second
-    sum in another, with the same arithmetic; the calls during the round get them back in
-    order. Without prepared sums (or once they are used up) a call is a plain all-reduce.
-    """
-
-    def __init__(self) -> None:
-        self.queue: list[Tensor] = []
-
-    def prepare(self, advantages: Sequence[Tensor]) -> None:
-        firsts = []
-        for x in advantages:
-            count = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
-            firsts.append(torch.stack([x.sum(), count]))
-        first = _plain_sum(torch.stack(firsts))
-        means = first[:, 0] / first[:, 1]
-        seconds = [(x - m).square().sum() for x, m in zip(advantages, means, strict=True)]
-        second = _plain_sum(torch.stack(seconds))
-        self.queue = [t for pair in zip(first.unbind(), second.unbind()) for t in pair]
-        self.queue.reverse()
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.queue:
-            return self.queue.pop()
-        return _plain_sum(x)
 
 
 def _fresh_moments(rms: Any) -> Moments:
