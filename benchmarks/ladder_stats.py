@@ -379,7 +379,7 @@ def plot_final(report: Mapping[str, Any], path: Path) -> None:
                 ax.plot([a["mean"]], [y], "o", color=COLOURS[g], mec="k", ms=6)
             ax.set_yticks(range(len(aggs)), [LABELS[g] for g in aggs])
             ax.set_xlabel("return")
-            ax.set_title(f"{env}: {METRICS[metric]}", fontsize=10)
+            ax.set_title(f"{env}\n{METRICS[metric]}", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
     fig.suptitle("final return at 1M steps: IQM (bar: 95% CI, |: IQM, o: mean)", fontsize=10)
     save_png(fig, path)
