@@ -128,8 +128,27 @@ def normalize(
     """
     if sum_over_workers is None:
         return (x - x.mean()) / (x.std() + eps)
+    first = sum_over_workers(first_sums(x))
+    second = sum_over_workers(second_sum(x, first))
+    return normalize_by_sums(x, first, second, eps)
+
+
+def first_sums(x: Tensor) -> Tensor:
+    """``[sum x, count]``: what :func:`normalize` sums over the workers first."""
     count = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
-    total, n = sum_over_workers(torch.stack([x.sum(), count])).unbind()
+    return torch.stack([x.sum(), count])
+
+
+def second_sum(x: Tensor, first: Tensor) -> Tensor:
+    """``sum (x - mean)^2`` with the union's mean from the summed :func:`first_sums`."""
+    total, n = first.unbind()
+    return (x - total / n).square().sum()
+
+
+def normalize_by_sums(x: Tensor, first: Tensor, second: Tensor, eps: float = 1e-8) -> Tensor:
+    """:func:`normalize` of ``x`` from the union's summed :func:`first_sums` and
+    :func:`second_sum` (taken for a whole round at once by a problem's ``minibatch_data``)."""
+    total, n = first.unbind()
     mean = total / n
-    var = sum_over_workers((x - mean).square().sum()) / (n - 1)
+    var = second / (n - 1)
     return (x - mean) / (var.sqrt() + eps)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.meta_problem import InnerSurrogate, MetaProblem, Round
+from metagrad_rl.meta_problem import InnerSurrogate, MetaProblem, Round, minibatch_of, round_extras
 from metagrad_rl.pytree import BatchDict, Params
 
 Tree = Any
@@ -95,8 +95,10 @@ def mixed_second_order_product(
     return {k: torch.zeros_like(et[k]) if o is None else o for k, o in zip(et, out)}
 
 
-def _inner_fn(problem: MetaProblem, batch: BatchDict, idx: Tensor) -> Callable[..., Tensor]:
-    """``L_in(theta, theta_old, eta_pol, eta_old, eta_rew)`` on one minibatch."""
+def _inner_fn(
+    problem: MetaProblem, batch: BatchDict, minibatches: Sequence[Tensor], j: int
+) -> Callable[..., Tensor]:
+    """``L_in(theta, theta_old, eta_pol, eta_old, eta_rew)`` on minibatch ``j``."""
 
     def f(
         theta: Params, theta_old: Params, eta_pol: Params, eta_old: Params, eta_rew: Params
@@ -104,7 +106,7 @@ def _inner_fn(problem: MetaProblem, batch: BatchDict, idx: Tensor) -> Callable[.
         data = problem.prepare(
             batch, eta_reward=eta_rew, theta_old=theta_old, eta_policy_old=eta_old
         )
-        mb = {k: v[idx] for k, v in data.items()}
+        mb = minibatch_of(data, minibatches, j, round_extras(problem, data, minibatches))
         return problem.inner_loss(theta, mb, eta_policy=eta_pol)
 
     return f
@@ -125,9 +127,11 @@ def _sgd_trajectory(
     for rnd in rounds:
         starts.append(th)
         seq = []
-        for idx in rnd.minibatches:
+        for j in range(len(rnd.minibatches)):
             seq.append(th)
-            g = grad(_inner_fn(problem, rnd.batch, idx))(th, starts[-1], eta, eta, eta)
+            g = grad(_inner_fn(problem, rnd.batch, rnd.minibatches, j))(
+                th, starts[-1], eta, eta, eta
+            )
             th = _axpy(-lr, g, th)
         thetas.append(seq)
     return starts, thetas, th
@@ -168,7 +172,7 @@ def explicit_sgd_terms(
         last = r == len(rounds) - 1
         a_start = _zeros(a)  # contributions to dL/dtheta_k through the ratio's denominator
         for j in range(len(rounds[r].minibatches) - 1, -1, -1):
-            f = _inner_fn(problem, rounds[r].batch, rounds[r].minibatches[j])
+            f = _inner_fn(problem, rounds[r].batch, rounds[r].minibatches, j)
             h, h_old, d_pol, d_old, d_rew = second_derivative_products(
                 f, (thetas[r][j], starts[r], eta, eta, eta), a
             )

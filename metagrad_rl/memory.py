@@ -22,8 +22,8 @@ from torch import Tensor
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.inputs import check_prepared
+from metagrad_rl.meta_problem import minibatch_of, round_extras
 from metagrad_rl.options import segment_length
-from metagrad_rl.pytree import take
 from metagrad_rl.unroll import inner_step, prepare_round
 
 GIB = 1024**3
@@ -117,7 +117,7 @@ def probe_bytes(
     with GraphMemoryMeter() as m_prep:
         data = prepare_round(problem, rnd.batch, theta_k, eta_, eta_, surrogate)
     check_prepared(data, 0, rnd)
-    mb = take(data, rnd.minibatches[0])
+    mb = minibatch_of(data, rnd.minibatches, 0, round_extras(problem, data, rnd.minibatches))
     layout = FlatLayout(theta_k)
     x = {FLAT_KEY: layout.flatten(theta_k).detach().requires_grad_(True)}
     state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from metagrad_rl.errors import ConfigError
-from metagrad_rl.pytree import BatchDict, Params
+from metagrad_rl.pytree import BatchDict, Params, take
 
 
 class InnerSurrogate(enum.StrEnum):
@@ -76,11 +76,18 @@ class MetaProblem:
     #: under ``pi_{theta, eta}`` (the sum of the actions' log-probabilities), for the
     #: sampling-aware score-function term (``docs/estimators.md``).
     log_likelihood: Callable[..., Tensor] | None = None
+    #: Optional ``minibatch_data(data, minibatches) -> list[dict]``: quantities of each of a
+    #: round's minibatches computed once from ``prepare``'s output ``data`` and the round's
+    #: order; the engine merges entry ``j`` into minibatch ``j`` before ``inner_loss`` sees it.
+    #: Differentiated like ``data``. For instance the advantage statistics of every minibatch
+    #: over several workers' union, in two collectives for the round instead of two per step
+    #: (:func:`metagrad_rl.problems.ppo_meta_problem` with ``sum_over_workers``).
+    minibatch_data: Callable[..., list[dict[str, Tensor]]] | None = None
 
     def __post_init__(self) -> None:
         for role in SIGNATURES:
             fn = getattr(self, role)
-            if fn is not None or role != "log_likelihood":
+            if fn is not None or role not in OPTIONAL:
                 check_signature(role, fn)
 
 
@@ -91,7 +98,37 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "inner_loss": (("theta", "minibatch"), ("eta_policy",)),
     "outer_loss": (("theta", "batch"), ("eta_policy", "theta_den", "eta_den")),
     "log_likelihood": (("theta", "batch"), ("eta_policy",)),
+    "minibatch_data": (("data", "minibatches"), ()),
 }
+#: The functions a :class:`MetaProblem` may leave out (``None``).
+OPTIONAL = ("log_likelihood", "minibatch_data")
+
+
+def round_extras(
+    problem: MetaProblem, data: Mapping[str, Tensor], minibatches: Sequence[Tensor]
+) -> list[dict[str, Tensor]] | None:
+    """``problem.minibatch_data(data, minibatches)``, checked (``None`` without one)."""
+    if problem.minibatch_data is None:
+        return None
+    extras = list(problem.minibatch_data(data, list(minibatches)))
+    if len(extras) != len(minibatches):
+        raise ConfigError(
+            f"minibatch_data returned {len(extras)} entries for a round of "
+            f"{len(minibatches)} minibatches: expected one dict per minibatch"
+        )
+    return extras
+
+
+def minibatch_of(
+    data: Mapping[str, Tensor],
+    minibatches: Sequence[Tensor],
+    j: int,
+    extras: Sequence[Mapping[str, Tensor]] | None,
+) -> Params:
+    """Minibatch ``j`` of a round: rows ``minibatches[j]`` of ``data`` (0-d tensors as they
+    are), with :func:`round_extras`' entry ``j`` merged in."""
+    mb = take(data, minibatches[j])
+    return mb if extras is None else {**mb, **extras[j]}
 
 
 def check_signature(role: str, fn: Any) -> None:
@@ -102,7 +139,8 @@ def check_signature(role: str, fn: Any) -> None:
     (some builtins) is accepted as it is.
     """
     positional, keywords = SIGNATURES[role]
-    expected = f"{role}({', '.join(positional)}, *, {', '.join(keywords)})"
+    kw = f", *, {', '.join(keywords)}" if keywords else ""
+    expected = f"{role}({', '.join(positional)}{kw})"
     if not callable(fn):
         raise ConfigError(
             f"MetaProblem's {role} is not callable ({type(fn).__name__}): expected {expected}"

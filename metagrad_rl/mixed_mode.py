@@ -32,8 +32,8 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.explicit import second_derivative_products
-from metagrad_rl.meta_problem import MetaProblem
-from metagrad_rl.pytree import Params, take
+from metagrad_rl.meta_problem import MetaProblem, minibatch_of, round_extras
+from metagrad_rl.pytree import Params
 
 View = Callable[[Params], Params] | None
 
@@ -103,20 +103,25 @@ def gradient_products(
     eta: Params,
     data: Mapping[str, Tensor],
     wrt: Sequence[str],
-    idx: Tensor,
+    step: tuple[Sequence[Tensor], int],
     a_g: Params,
     view: View,
 ) -> tuple[Params, Params, Params]:
-    """``(H_xx a_g, H_eta,x a_g, H_d,x a_g)`` of the inner loss on minibatch ``idx`` of
-    ``data``, by one ``torch.func.jvp`` of its joint gradient; ``d`` is ``data``'s tensors
-    named in ``wrt`` (the rest are constants), ``H_d,x a_g`` is shaped like them (whole round).
+    """``(H_xx a_g, H_eta,x a_g, H_d,x a_g)`` of the inner loss on minibatch ``j`` of
+    ``data`` (``step = (minibatches, j)``: the round's order and the step), by one
+    ``torch.func.jvp`` of its joint gradient; ``d`` is ``data``'s tensors named in ``wrt`` (the
+    rest are constants), ``H_d,x a_g`` is shaped like them (whole round). The problem's
+    ``minibatch_data`` is taken inside, so its dependence on ``d`` is differentiated too.
     """
     const = {k: v.detach() for k, v in data.items() if k not in wrt}
     d = {k: data[k].detach() for k in wrt}
+    minibatches, j = step
 
     def loss(x_: Params, eta_: Params, d_: Params) -> Tensor:
         theta = x_ if view is None else view(x_)
-        return problem.inner_loss(theta, take({**const, **d_}, idx), eta_policy=eta_)
+        full = {**const, **d_}
+        mb = minibatch_of(full, minibatches, j, round_extras(problem, full, minibatches))
+        return problem.inner_loss(theta, mb, eta_policy=eta_)
 
     primal = ({k: v.detach() for k, v in x.items()}, {k: v.detach() for k, v in eta.items()}, d)
     h_x, h_eta, h_d = second_derivative_products(loss, primal, {k: a_g[k] for k in x})

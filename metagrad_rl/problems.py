@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 
+import torch
 from torch import Tensor
 
-from metagrad_rl.advantages import gae, normalize
+from metagrad_rl.advantages import first_sums, gae, normalize, normalize_by_sums, second_sum
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.meta_problem import MetaProblem
 from metagrad_rl.networks import IntrinsicReward, Policy, intrinsic_reward, policy_log_prob
@@ -66,6 +67,9 @@ def ppo_meta_problem(
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise ConfigError(f"gamma={gamma}, lam={lam} are invalid: expected values in [0, 1]")
     norm = partial(normalize, sum_over_workers=sum_over_workers) if normalize_advantages else None
+    union = None
+    if sum_over_workers is not None and normalize_advantages:
+        union = _union_sums(sum_over_workers)
     return MetaProblem(
         prepare=_prepare(policy, reward_net, gamma, lam, r_ex_coef, r_in_coef),
         inner_loss=_inner_loss(policy, clip, ent_coef, norm),
@@ -73,6 +77,7 @@ def ppo_meta_problem(
         theta_spec={k: tuple(v.shape) for k, v in policy.named_parameters()},
         eta_spec={k: tuple(v.shape) for k, v in reward_net.named_parameters()},
         log_likelihood=_log_likelihood(policy),
+        minibatch_data=union,
     )
 
 
@@ -123,6 +128,27 @@ def _prepare(
     return prepare
 
 
+#: The keys of :func:`_union_sums`' per-minibatch entries.
+UNION_SUMS = ("adv_first_sums", "adv_second_sum")
+
+
+def _union_sums(sum_over_workers: Callable[[Tensor], Tensor]) -> Callable[..., list]:
+    """``minibatch_data``: the union advantage sums of every minibatch of a round in two
+    collectives (``[sum, count]`` of each, then each's ``sum (x - mean)^2``), instead of two
+    per inner step; the arithmetic of :func:`~metagrad_rl.advantages.normalize`'s."""
+
+    def minibatch_data(
+        data: Mapping[str, Tensor], minibatches: list[Tensor]
+    ) -> list[dict[str, Tensor]]:
+        advs = [data["adv_in"][idx] for idx in minibatches]
+        firsts = sum_over_workers(torch.stack([first_sums(a) for a in advs])).unbind()
+        seconds = torch.stack([second_sum(a, f) for a, f in zip(advs, firsts, strict=True)])
+        pairs = zip(firsts, sum_over_workers(seconds).unbind(), strict=True)
+        return [{UNION_SUMS[0]: f, UNION_SUMS[1]: s} for f, s in pairs]
+
+    return minibatch_data
+
+
 def _inner_loss(
     policy: Policy, clip: float, ent_coef: float, norm: Normalize
 ) -> Callable[..., Tensor]:
@@ -132,7 +158,11 @@ def _inner_loss(
         theta: Mapping[str, Tensor], mb: Mapping[str, Tensor], *, eta_policy: Mapping[str, Tensor]
     ) -> Tensor:
         logp = policy_log_prob(policy, theta, mb["obs"], mb["act"], eta_policy)
-        adv = mb["adv_in"] if norm is None else norm(mb["adv_in"])
+        adv = mb["adv_in"]
+        if UNION_SUMS[0] in mb:  # the union's statistics, taken for the round at once
+            adv = normalize_by_sums(adv, mb[UNION_SUMS[0]], mb[UNION_SUMS[1]])
+        elif norm is not None:
+            adv = norm(adv)
         loss = clipped_surrogate_loss(logp, mb["old_logp"], adv, clip)
         if ent_coef:
             loss = loss - ent_coef * policy.entropy(theta)

@@ -34,7 +34,14 @@ from metagrad_rl.adjoint import EARLY, POLICY, REWARD, Adjoint, unique_leaves
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.inputs import check_prepared
 from metagrad_rl.memory import GraphMemoryMeter, tree_bytes
-from metagrad_rl.meta_problem import EtaPaths, InnerSurrogate, MetaProblem, Round
+from metagrad_rl.meta_problem import (
+    EtaPaths,
+    InnerSurrogate,
+    MetaProblem,
+    Round,
+    minibatch_of,
+    round_extras,
+)
 from metagrad_rl.mixed_mode import (
     OptimizerPullback,
     _differentiable,
@@ -51,7 +58,7 @@ from metagrad_rl.options import (
     check_second_order,
     segment_length,
 )
-from metagrad_rl.pytree import Params, detach, take
+from metagrad_rl.pytree import Params, detach
 from metagrad_rl.step_trace import StepTrace
 from metagrad_rl.unroll import _detach_leaf, _flat_view, inner_step, prepare_round
 
@@ -162,8 +169,9 @@ class Checkpointed:
         meter = GraphMemoryMeter(enabled=measure)
         with meter:
             x = x0
+            extras = round_extras(self.problem, d0, rnd.minibatches)
             for j in range(seg.j0, seg.j0 + seg.n):
-                mb = take(d0, rnd.minibatches[j])
+                mb = minibatch_of(d0, rnd.minibatches, j, extras)
                 x, state = inner_step(self.problem, self.tx, x, state, mb, eta_pol, True, view)
         if measure:
             self.segment_graph_bytes.append(meter.peak_bytes)
@@ -204,8 +212,10 @@ class Checkpointed:
         view = None if self.layout is None else _flat_view(self.layout)
         steps = []
         x, state = seg.x, seg.state
+        extras = round_extras(self.problem, d0, rnd.minibatches)
         for j in range(seg.j0, seg.j0 + seg.n):
-            g = inner_gradient(self.problem, x, take(d0, rnd.minibatches[j]), eta_c, view)
+            mb = minibatch_of(d0, rnd.minibatches, j, extras)
+            g = inner_gradient(self.problem, x, mb, eta_c, view)
             steps.append((j, x, state, g))
             x, state = optimizer_step(self.tx, x, state, g)
             x, state = detach(x), _detach_tree(state)
@@ -218,7 +228,7 @@ class Checkpointed:
             for c, ct in enumerate(cts):
                 a_g, a_x, ct.gstate = opt.pull(ct.gx, ct.gstate, retain_graph=c < len(cts) - 1)
                 h_x, h_eta, h_d = gradient_products(
-                    self.problem, x, eta_c, d0, wrt, rnd.minibatches[j], a_g, view
+                    self.problem, x, eta_c, d0, wrt, (rnd.minibatches, j), a_g, view
                 )
                 ct.gx = {k: a_x[k] + h_x[k] for k in a_x}
                 ct.add_data(seg.r, h_d)
@@ -375,12 +385,14 @@ class _Sweep:
         data = {k: v.detach() for k, v in data.items()}
         self.data.append(data)
         eta_values = detach(eta_pol)
+        extras = round_extras(self.problem, data, rnd.minibatches)
         first = len(self.segments)
-        for j, idx in enumerate(rnd.minibatches):
+        for j in range(len(rnd.minibatches)):
             if self.s >= self.cut and (len(self.segments) == first or self._boundary()):
                 self.segments.append(Segment(r, j, 0, x, state))
             x1, state = inner_step(
-                self.problem, self.tx, _leaves(x), state, take(data, idx), eta_values, False,
+                self.problem, self.tx, _leaves(x), state,
+                minibatch_of(data, rnd.minibatches, j, extras), eta_values, False,
                 self.view, self.trace, (r, j),
             )  # fmt: skip
             x, state = detach(x1), _detach_tree(state)

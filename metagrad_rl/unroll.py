@@ -35,8 +35,10 @@ from metagrad_rl.meta_problem import (
     Round,
     check_signature,
     minibatch_indices,
+    minibatch_of,
+    round_extras,
 )
-from metagrad_rl.pytree import BatchDict, Params, detach, take
+from metagrad_rl.pytree import BatchDict, Params, detach
 from metagrad_rl.step_trace import StepTrace
 
 __all__ = [
@@ -198,14 +200,15 @@ def unroll(
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
         check_prepared(data, r, rnd)
+        extras = round_extras(problem, data, rnd.minibatches)
         # The inner gradient must not flow into the denominator computed from theta_k:
         # give the first step its own node, equal in value.
         x = {k: v.view_as(v) for k, v in x.items()}
-        for j, idx in enumerate(rnd.minibatches):
+        for j in range(len(rnd.minibatches)):
             if j > 0 and s == cut:  # the window starts inside this round
                 x, state = _restart(x, state, anchor, layout)
             graph = create_graph and s >= cut
-            mb = take(data, idx)
+            mb = minibatch_of(data, rnd.minibatches, j, extras)
             x, state = inner_step(problem, tx, x, state, mb, eta_pol, graph, view, trace, (r, j))
             s += 1
     saw_zero = trace.check()

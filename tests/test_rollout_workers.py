@@ -270,7 +270,7 @@ def _counted(rank: int, n: int, init: str, root: str) -> dict:
     dist.all_reduce, funcol.all_reduce = counting(dist.all_reduce), counting(funcol.all_reduce)
     out = {}
     with workers(rank, n, init, timeout_s=120.0):
-        for name in ("ppo", "cln-eq17"):
+        for name in ("ppo", "cln-eq17", "cln-exact"):
             for epochs in (1, 2):
                 cfg = CONFIGS[name]()
                 cfg = type(cfg)(**{**cfg.__dict__, "update_epochs": epochs, "checkpoint_every": 0})
@@ -287,6 +287,7 @@ def test_allreduce_mode_takes_one_collective_per_minibatch_step(tmp_path):
         _counted, 2, tmp_path / "rdv", str(tmp_path), timeout_s=300.0, results_from=[0]
     )
     iterations, extra_steps = 4, TINY["num_minibatches"]
-    for name in ("ppo", "cln-eq17"):
+    for name in ("ppo", "cln-eq17", "cln-exact"):
         per_step = (counts[name, 2] - counts[name, 1]) / (iterations * extra_steps)
-        assert per_step == 1.0, (name, counts)
+        # exact: the unrolled policy step and the separate critic step, one collective each
+        assert per_step == (2.0 if name == "cln-exact" else 1.0), (name, counts)

@@ -55,7 +55,6 @@ from metagrad_rl.envs import RunningMeanStd
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.pytree import PARTS
 from metagrad_rl.rollout import EpisodeStats
-from metagrad_rl.trainers.round_sums import RoundSums
 
 #: Checkpoint entries that differ between workers (the rest is the same on every worker).
 PER_RANK_KEYS = ("collector", "update_gen", "torch_rng", "pending")
@@ -80,6 +79,13 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def plain_sum(x: Tensor) -> Tensor:
+    """``x`` summed over the workers by a plain all-reduce (a copy, off the graph)."""
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y
 
 
 def _average_plain() -> torchopt.base.GradientTransformation:
@@ -121,7 +127,6 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     since: dict[str, Moments] = field(default_factory=dict)
-    _round_sums: RoundSums | None = field(default=None, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -185,20 +190,8 @@ class Parallel:
     @property
     def plain_sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:
         """:attr:`sum_over_workers` off the autograd graph (for a plain policy round, whose
-        advantages are constants: ``eta`` is not differentiated there): a :class:`RoundSums`
-        that :meth:`prepare_round_sums` fills before the round."""
-        if not self.distributed:
-            return None
-        if self._round_sums is None:
-            self._round_sums = RoundSums()
-        return self._round_sums
-
-    def prepare_round_sums(self, advantages: Sequence[Tensor]) -> None:
-        """The union statistics of a plain round's minibatches (``advantages[j]``: this
-        worker's part of minibatch ``j``), in two all-reduces for the whole round, for
-        :attr:`plain_sum_over_workers` to hand out in the round's order."""
-        if self.distributed and self._round_sums is not None:
-            self._round_sums.prepare(advantages)
+        advantages are constants: ``eta`` is not differentiated there)."""
+        return plain_sum if self.distributed else None
 
     @property
     def sum_over_workers(self) -> Callable[[Tensor], Tensor] | None:

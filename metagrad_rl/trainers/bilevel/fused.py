@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from metagrad_rl.flat import FlatLayout
+from metagrad_rl.meta_problem import minibatch_of, round_extras
 from metagrad_rl.optim import join_states, permute_state, split_state
-from metagrad_rl.pytree import detach_state, take
+from metagrad_rl.pytree import detach_state
 from metagrad_rl.rollout import stack_params
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.critics import (
@@ -49,14 +50,16 @@ def fused_round(
         inner = prepare_round(
             problem, rec.batch, state.theta, eta, eta, InnerSurrogate(cfg.surrogate)
         )
-        if cfg.norm_adv:  # union statistics of all minibatches: two collectives per round
-            parts.par.prepare_round_sums([inner["adv_in"][idx] for idx in rec.minibatches])
+        # with several workers: the union advantage statistics of every minibatch, in two
+        # collectives for the round (the problem's minibatch_data)
+        extras = round_extras(problem, inner, rec.minibatches)
     v = value_targets(cfg, data, adv_mix)
     joint, opt = _joined(cfg, parts, state)
     total = 0.0
-    for idx in rec.minibatches:
+    for j, idx in enumerate(rec.minibatches):
         leaves = joint.leaves()
-        loss_pi = problem.inner_loss(leaves["theta"], take(inner, idx), eta_policy=eta)
+        mb = minibatch_of(inner, rec.minibatches, j, extras)
+        loss_pi = problem.inner_loss(leaves["theta"], mb, eta_policy=eta)
         loss_v = value_losses(parts, leaves["critics"], v, idx)
         (grad,) = flat_grads(loss_pi + loss_v, joint)
         opt = optimizer_step(parts.joint_tx, (grad,), opt, (joint.flat,))
