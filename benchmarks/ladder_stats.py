@@ -55,9 +55,9 @@ RUNGS: dict[str, tuple[str, ...]] = {
 SWEEP = ("ppo", "cln-eq17", "cln-eq17-rin0.03", "cln-eq17-rin0.01", "cln-rin0")
 SWEEP_SEEDS = (1, 2, 3)
 #: Where the architecture's cost comes from: PPO, PPO with a plain LayerNorm on its last hidden
-#: layer (what CLN conditions; PPO's trainer), CLN with r_in off (the bilevel trainer, the norm
-#: conditioned on eta), seeds 1-3.
-ARCH = ("ppo", "ppo-ln", "cln-rin0")
+#: layer (what CLN conditions; PPO's trainer), CLN with r_in off and eta frozen (the bilevel
+#: trainer, a fixed condition), CLN with r_in off (the condition moved by eq17), seeds 1-3.
+ARCH = ("ppo", "ppo-ln", "cln-rin0-frozen", "cln-rin0")
 #: The reports: (title, env, rungs, seeds or None for all).
 GROUPS: tuple[tuple[str, str, tuple[str, ...], tuple[int, ...] | None], ...] = (
     *((env, env, rungs, None) for env, rungs in RUNGS.items()),
@@ -67,6 +67,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...], tuple[int, ...] | None], ...] = (
 LABELS = {
     "ppo": "PPO",
     "ppo-ln": "PPO + LayerNorm",
+    "cln-rin0-frozen": "CLN, r_in off, eta frozen",
     "cln-rin0": "CLN, r_in off",
     "cln-frozen": "CLN, fixed random r_in",
     "cln-eq17": "CLN, learned r_in (eq17)",
@@ -75,7 +76,7 @@ LABELS = {
     "cln-eq17-rin0.01": "CLN eq17, r_in_coef 0.01",
 }
 COLOURS = {"ppo": "C0", "cln-rin0": "C2", "cln-frozen": "C4", "cln-eq17": "C3", "lirpg": "C1"}
-COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6", "ppo-ln": "C7"})
+COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6", "ppo-ln": "C7", "cln-rin0-frozen": "C8"})
 METRICS = {
     "train20": "mean of the last 20 training episodes",
     "eval10": "deterministic, 10 episodes",

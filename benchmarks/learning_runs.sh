@@ -6,7 +6,8 @@
 #   conditioned architecture alone), cln-frozen (eta_lr 0: a fixed random reward), cln-eq17,
 #   lirpg; walker: ppo, cln-frozen, cln-eq17 on Walker2d-v5; rin-sweep: cln-eq17 on Hopper-v5
 #   with --r-in-coef in RIN_COEFS (default "0.01 0.03") on SWEEP_SEEDS (default "1 2 3");
-#   ladder-ln: PPO with --conditioning layernorm on SWEEP_SEEDS),
+#   ladder-ln: PPO with --conditioning layernorm on SWEEP_SEEDS; ladder-frozen-rin0: CLN with
+#   r_in off and eta frozen on SWEEP_SEEDS),
 #   ESTIMATORS (Figure 5's --meta-grad choices, checked against the registry in
 #   metagrad_rl/trainers/meta_grads.py; default: eq17 lirpg three-term exact sampling-aware;
 #   "all": every entry of the registry), FIG4_ALGOS (any of ppo lirpg cln-eq17), OUT (default runs/learning), BIN (the
@@ -63,6 +64,13 @@ mkdir -p "$OUT"
       # conditions), on SWEEP_SEEDS
       case " ${SWEEP_SEEDS:-1 2 3} " in *" $seed "*)
         echo "ppo-ln-Hopper-v5-s$seed --algo ppo --conditioning layernorm --env Hopper-v5 --seed $seed";;
+      esac;;
+    esac
+    case " $RUN_GROUPS " in *" ladder-frozen-rin0 "*)
+      # the architecture's other half: CLN with r_in off and eta frozen (no meta-step moves
+      # the condition), on SWEEP_SEEDS
+      case " ${SWEEP_SEEDS:-1 2 3} " in *" $seed "*)
+        echo "cln-rin0-frozen-Hopper-v5-s$seed --algo cln --r-in-coef 0 --eta-lr 0 --env Hopper-v5 --seed $seed";;
       esac;;
     esac
     case " $RUN_GROUPS " in *" rin-sweep "*)

@@ -47,12 +47,57 @@ def run_ours(env: str, total_steps: int, seed: int, threads: int) -> dict[str, A
     }
 
 
+#: SB3's PPO with our defaults (CleanRL's): the same budget and hyperparameters as ours.
+SB3_PPO = dict(
+    n_steps=2048,
+    batch_size=64,
+    n_epochs=10,
+    gamma=0.99,
+    gae_lambda=0.95,
+    clip_range=0.2,
+    clip_range_vf=0.2,
+    ent_coef=0.0,
+    vf_coef=0.5,
+    max_grad_norm=0.5,
+)
+
+
+def _sb3_model(env: str, seed: int) -> tuple[Any, Any]:
+    """The normalised SB3 vec env and its PPO model, configured as our trainer is."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    venv = VecNormalize(
+        make_vec_env(env, n_envs=1, seed=seed),
+        norm_obs=True,
+        norm_reward=True,
+        clip_obs=10.0,
+        clip_reward=10.0,
+        gamma=0.99,
+    )
+    policy_kwargs = dict(
+        net_arch=dict(pi=[64, 64], vf=[64, 64]),
+        activation_fn=torch.nn.Tanh,
+        ortho_init=True,
+        log_std_init=0.0,
+    )
+    model = PPO(
+        "MlpPolicy",
+        venv,
+        learning_rate=lambda frac: 3e-4 * frac,
+        policy_kwargs=policy_kwargs,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        **SB3_PPO,
+    )
+    return venv, model
+
+
 def run_sb3(env: str, total_steps: int, seed: int, threads: int) -> dict[str, Any]:
     try:
-        from stable_baselines3 import PPO
         from stable_baselines3.common.callbacks import BaseCallback
-        from stable_baselines3.common.env_util import make_vec_env
-        from stable_baselines3.common.vec_env import VecNormalize
     except ImportError:
         sys.exit(
             "ppo_baseline: error: stable-baselines3 is not installed: run "
@@ -70,38 +115,7 @@ def run_sb3(env: str, total_steps: int, seed: int, threads: int) -> dict[str, An
                     self.returns.append(float(info["episode"]["r"]))
             return True
 
-    venv = VecNormalize(
-        make_vec_env(env, n_envs=1, seed=seed),
-        norm_obs=True,
-        norm_reward=True,
-        clip_obs=10.0,
-        clip_reward=10.0,
-        gamma=0.99,
-    )
-    model = PPO(
-        "MlpPolicy",
-        venv,
-        learning_rate=lambda frac: 3e-4 * frac,
-        n_steps=2048,
-        batch_size=64,
-        n_epochs=10,
-        gamma=0.99,
-        gae_lambda=0.95,
-        clip_range=0.2,
-        clip_range_vf=0.2,
-        ent_coef=0.0,
-        vf_coef=0.5,
-        max_grad_norm=0.5,
-        policy_kwargs=dict(
-            net_arch=dict(pi=[64, 64], vf=[64, 64]),
-            activation_fn=torch.nn.Tanh,
-            ortho_init=True,
-            log_std_init=0.0,
-        ),
-        seed=seed,
-        device="cpu",
-        verbose=0,
-    )
+    venv, model = _sb3_model(env, seed)
     cb = Returns()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
