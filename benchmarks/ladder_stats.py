@@ -76,7 +76,8 @@ LABELS = {
     "cln-eq17-rin0.01": "CLN eq17, r_in_coef 0.01",
 }
 COLOURS = {"ppo": "C0", "cln-rin0": "C2", "cln-frozen": "C4", "cln-eq17": "C3", "lirpg": "C1"}
-COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6", "ppo-ln": "C7", "cln-rin0-frozen": "C8"})
+COLOURS.update({"cln-eq17-rin0.03": "C5", "cln-eq17-rin0.01": "C6"})
+COLOURS.update({"ppo-ln": "C7", "cln-rin0-frozen": "C8"})
 METRICS = {
     "train20": "mean of the last 20 training episodes",
     "eval10": "deterministic, 10 episodes",
