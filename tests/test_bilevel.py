@@ -180,6 +180,57 @@ def test_a_new_kind_of_unroll_is_one_piece_without_touching_the_trainer(tmp_path
     assert flatten(s.grad).norm() > 0
 
 
+def test_a_new_kind_of_estimator_starts_and_finishes_itself(tmp_path):
+    """A kind the registry does not have -- the exact total with its second-order products
+    taken forward-over-reverse (``torch.func.jvp``) in a checkpointed reverse pass -- is one
+    :class:`Unroll` whose ``start`` calls the engine its own way; nothing in the trainer
+    changes. Its applied meta-gradients equal the ``exact`` entry's (float32 round-off)."""
+    from dataclasses import dataclass
+
+    from metagrad_rl.metagrad import start_meta_gradient
+
+    @dataclass(frozen=True)
+    class ForwardOverReverse(Unroll):
+        def start(self, rec, history, inputs):
+            tx, opt_state = inputs.optimizer_at(rec)
+            rounds = self.rounds(rec, (), inputs.lookahead_steps)
+            return start_meta_gradient(
+                inputs.problem,
+                tx,
+                rec.theta,
+                rec.eta,
+                rounds,
+                opt_state=opt_state,
+                surrogate=inputs.surrogate,
+                checkpoint_every="auto",
+                second_order="forward",
+            )
+
+    exact = meta_grads.get("exact")
+    entry = MetaGrad(
+        "exact-fwd",
+        "the total through the real round, forward-over-reverse",
+        exact.apply,
+        ForwardOverReverse("round (forward-over-reverse)", exact.unroll.rounds, continues=True),
+        log_keys=exact.log_keys,
+    )
+    meta_grads.register(entry)
+    try:
+        runs = {}
+        for name in ("exact", "exact-fwd"):
+            runs[name] = []
+            train(_config("cln", meta_grad=name), tmp_path / name, on_meta_step=runs[name].append)
+    finally:
+        meta_grads.unregister("exact-fwd")
+    assert len(runs["exact"]) == len(runs["exact-fwd"]) == 2
+    for a, b in zip(runs["exact"], runs["exact-fwd"]):
+        assert flatten(a.grad).norm() > 0
+        torch.testing.assert_close(flatten(b.grad), flatten(a.grad), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            flatten(b.theta_next), flatten(a.theta_next), rtol=1e-5, atol=1e-7
+        )
+
+
 def _nets(cfg):
     reward = IntrinsicReward(4, 1, cfg.reward_hidden, cfg.bottleneck)
     policy = GaussianPolicy(

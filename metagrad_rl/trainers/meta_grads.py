@@ -1,179 +1,54 @@
 """The ``--meta-grad`` registry: one :class:`MetaGrad` entry per estimator of ``dJ_ex/deta``.
 
-An entry is built from small pieces, the way Optax chains transformations; the bilevel trainer
-(:mod:`metagrad_rl.trainers.bilevel`) only calls them:
+An entry is built from the pieces of :mod:`metagrad_rl.trainers.meta_grad_pieces` (imported
+here too): an :class:`Unroll` (:func:`lookahead`, :func:`real_round`, :func:`last_steps`,
+:func:`through_rounds`, or ``None``), an optional :class:`Score` (:func:`with_score`) and
+``apply``. The pieces start and finish themselves; the bilevel trainer
+(:mod:`metagrad_rl.trainers.bilevel`) only calls :meth:`MetaGrad.start_at_record` and
+:meth:`MetaGrad.gradient`.
 
-- an :class:`Unroll` -- what the estimator differentiates and when it starts:
-  :func:`lookahead` (a ``lookahead_steps``-step full-batch look-ahead from ``theta_k``, beside
-  the real round), :func:`real_round` (the real policy round itself; the trainer continues
-  from its ``theta_{k+1}``), :func:`truncated` ``(k)`` (its last ``k`` inner steps) or
-  :func:`through_rounds` ``(R)`` (the last ``R`` policy rounds re-simulated at the current
-  ``eta`` by the checkpointed reverse pass); ``None``: no unroll (Eq 17);
-- a :class:`Score` -- :func:`with_score` ``("baseline")`` (the sampling-aware score term with
-  a moving-average baseline) or ``("magic_box")`` (the same term through DiCE's magic box);
-- ``apply(ctx)``: the gradient to step ``eta`` with, and the named parts it is made of;
-- ``log_keys``: the ``progress.csv`` columns it fills; ``needs_cln``: Eq 17 (or Eq 11/12)
-  is in it, so it needs a policy conditioned on ``eta``.
-
-A new kind of unroll is one new :class:`Unroll` (``docs/estimators.md``, "Adding an
-estimator"); the CLI's ``--meta-grad`` choices, the docs table and
+A new kind of estimator is one new :class:`Unroll` or :class:`MetaGrad` (``docs/estimators.md``,
+"Adding an estimator"); the CLI's ``--meta-grad`` choices, the docs table and
 ``benchmarks/compare_terms`` read :data:`META_GRADS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.pytree import TERMS, Params, add
-from metagrad_rl.unroll import Round
+from metagrad_rl.trainers.meta_grad_pieces import (
+    MetaGrad,
+    MetaGradContext,
+    Score,
+    Unroll,
+    UnrollInputs,
+    last_steps,
+    lookahead,
+    real_round,
+    through_rounds,
+    with_score,
+)
 
-
-# -- the pieces --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Unroll:
-    """What an estimator differentiates, and when the trainer starts it.
-
-    ``rounds(rec, past, lookahead_steps)`` gives the engine's rounds from the pending round
-    ``rec`` (a :class:`~metagrad_rl.trainers.bilevel.RoundRecord`) and the ``past`` rounds kept
-    for it (the last ``keeps``, oldest first); the unroll starts from the oldest one's
-    ``theta`` and optimizer state, at ``rec.eta``. ``at_record``: started when the round is
-    recorded (the graph kept until the validation round), else in the validation round.
-    ``continues``: ``theta_{k+1}`` is this unroll's output (the trainer's policy round *is*
-    the unroll). ``terms``: split ``eta`` into the Eq 11-14 paths. ``truncate`` and
-    ``checkpoint_every`` go to :func:`~metagrad_rl.metagrad.start_meta_gradient`. ``kind``
-    names it in the docs table.
-    """
-
-    kind: str
-    rounds: Callable[[Any, Sequence[Any], int], list[Round]]
-    at_record: bool = True
-    continues: bool = False
-    keeps: int = 0
-    terms: bool = True
-    truncate: int | None = None
-    checkpoint_every: int | str | None = None
-
-
-def _lookahead_rounds(rec: Any, past: Sequence[Any], lookahead_steps: int) -> list[Round]:
-    full = torch.arange(rec.batch["r_ex"].numel())
-    return [Round(rec.batch, [full] * lookahead_steps)]
-
-
-def _recorded_rounds(rec: Any, past: Sequence[Any], lookahead_steps: int) -> list[Round]:
-    return [Round(r.batch, r.minibatches) for r in (*past, rec)]
-
-
-def lookahead(terms: bool = True) -> Unroll:
-    """A ``lookahead_steps``-step full-batch look-ahead from ``theta_k`` (LIRPG's), beside the
-    real round."""
-    return Unroll("lookahead", _lookahead_rounds, terms=terms)
-
-
-def real_round(terms: bool = True, truncate: int | None = None) -> Unroll:
-    """The real policy round, differentiably; ``truncate``: through its last steps only."""
-    if truncate is not None and truncate < 0:
-        raise ConfigError(f"truncate={truncate} is invalid: expected >= 0")
-    return Unroll("round", _recorded_rounds, continues=True, terms=terms, truncate=truncate)
-
-
-def last_steps(k: int) -> Unroll:
-    """The real round through its last ``k`` inner steps (truncated backpropagation)."""
-    return real_round(truncate=k)
-
-
-def through_rounds(rounds: int) -> Unroll:
-    """The last ``rounds`` policy rounds, re-simulated from the oldest one's stored ``theta`` at
-    the current ``eta`` in the validation round (checkpointed reverse pass); the trainer's
-    rounds run as plain ones."""
-    if rounds < 2:
-        raise ConfigError(f"rounds={rounds} is invalid: expected >= 2 (1 is real_round())")
-    return Unroll(
-        "round", _recorded_rounds, at_record=False, keeps=rounds - 1, checkpoint_every="auto"
-    )
-
-
-@dataclass(frozen=True)
-class Score:
-    """The score-function term of sampling ``tau_k`` from ``pi_{theta_k, eta}``.
-
-    ``baseline(b)``: the baseline to use given the trainer's moving average ``b`` (``None``
-    before any); ``magic_box``: through DiCE's magic box instead of the weighted log-likelihood.
-    """
-
-    kind: str
-    baseline: Callable[[float | None], float]
-    magic_box: bool = False
-
-
-def with_score(kind: str) -> Score:
-    """``"baseline"`` (a moving-average baseline) or ``"magic_box"`` (DiCE, no baseline)."""
-    if kind == "baseline":
-        return Score(kind, lambda b: 0.0 if b is None else b)
-    if kind == "magic_box":
-        return Score(kind, lambda b: 0.0, magic_box=True)
-    raise ConfigError(f"score={kind!r} is invalid: expected 'baseline' or 'magic_box'")
-
-
-@dataclass
-class MetaGradContext:
-    """What an estimator's ``apply`` may read in the validation round (Eq 24).
-
-    ``result`` is the engine's :class:`~metagrad_rl.metagrad.MetaGradResult` of the unroll
-    (``None`` without one); ``eq17()`` evaluates Eq 17 at ``theta_{k+1}`` on the validation
-    batch with the configured denominator (computed on first call, then cached).
-    """
-
-    result: Any
-    eq17_fn: Callable[[], Params]
-    _eq17: Params | None = None
-
-    def eq17(self) -> Params:
-        if self._eq17 is None:
-            self._eq17 = self.eq17_fn()
-        return self._eq17
-
-
-@dataclass(frozen=True)
-class MetaGrad:
-    """One ``--meta-grad`` choice (see the module docstring for each field)."""
-
-    name: str
-    help: str
-    apply: Callable[[MetaGradContext], tuple[Params, dict[str, Params]]]
-    unroll: Unroll | None = None
-    score: Score | None = None
-    log_keys: tuple[str, ...] = ()
-    needs_cln: bool = False
-
-    def __post_init__(self) -> None:
-        if self.unroll is not None and not isinstance(self.unroll, Unroll):
-            raise ConfigError(
-                f"meta-grad {self.name!r}: unroll={self.unroll!r} is invalid: expected an "
-                "Unroll (lookahead(), real_round(), last_steps(k), through_rounds(R)) or None"
-            )
-        if self.unroll is None and self.score is not None:
-            raise ConfigError(f"meta-grad {self.name!r}: a score term needs an unroll")
-
-    @property
-    def starts_at_record(self) -> bool:
-        """Its unroll starts when the policy round is recorded (and is kept until Eq 24)."""
-        return self.unroll is not None and self.unroll.at_record
-
-    @property
-    def continues_from_unroll(self) -> bool:
-        """``theta_{k+1}`` is its unroll's output (else the round is a plain, fused one)."""
-        return self.unroll is not None and self.unroll.continues
-
-    @property
-    def keeps_rounds(self) -> int:
-        """How many past policy rounds the trainer keeps for it (oldest dropped first)."""
-        return 0 if self.unroll is None else self.unroll.keeps
-
+__all__ = [
+    "META_GRADS",
+    "MetaGrad",
+    "MetaGradContext",
+    "Score",
+    "Unroll",
+    "UnrollInputs",
+    "get",
+    "last_steps",
+    "lookahead",
+    "markdown_table",
+    "multi_round",
+    "real_round",
+    "register",
+    "subset",
+    "through_rounds",
+    "truncated",
+    "unregister",
+    "with_score",
+]
 
 META_GRADS: dict[str, MetaGrad] = {}
 

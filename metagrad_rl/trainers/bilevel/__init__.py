@@ -18,7 +18,8 @@ this loop over named steps, each taking the :class:`BilevelState` and returning 
     log, checkpoint    :func:`~logs.iteration_row`, :class:`~metagrad_rl.trainers.run.Run`
 
 Config in ``config.py``, state and records in ``state.py``, the networks, optimizers and envs
-in ``build.py``, the estimator's unroll of a round in ``estimator.py``.
+in ``build.py``; how an estimator starts and finishes is its own
+(:mod:`metagrad_rl.trainers.meta_grad_pieces`).
 
 Estimators (``--meta-grad``, registered in :mod:`metagrad_rl.trainers.meta_grads`), all
 gradients of ``L_out = -J_ex`` (see ``docs/equations.md``):
@@ -44,7 +45,12 @@ gradients of ``L_out = -J_ex`` (see ``docs/equations.md``):
 Every estimator is one registry entry; adding one does not touch this package.
 """
 
-from metagrad_rl.trainers.bilevel.build import build, build_problem, policy_optimizer
+from metagrad_rl.trainers.bilevel.build import (
+    build,
+    build_problem,
+    policy_optimizer,
+    round_optimizer,
+)
 from metagrad_rl.trainers.bilevel.collect import (
     collect,
     intrinsic_rewards,
@@ -54,7 +60,6 @@ from metagrad_rl.trainers.bilevel.collect import (
 )
 from metagrad_rl.trainers.bilevel.config import BilevelConfig, CLNConfig, LIRPGConfig
 from metagrad_rl.trainers.bilevel.critics import critic_round, value_losses, value_targets
-from metagrad_rl.trainers.bilevel.estimator import round_optimizer, start_unroll
 from metagrad_rl.trainers.bilevel.fused import critic_stack_order, fused_round
 from metagrad_rl.trainers.bilevel.logs import intrinsic_episode_returns, iteration_row
 from metagrad_rl.trainers.bilevel.loop import check_diverged, train
@@ -109,7 +114,6 @@ __all__ = [
     "round_optimizer",
     "round_schedule",
     "score_weight",
-    "start_unroll",
     "train",
     "validation_round",
     "value_losses",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torchopt
@@ -14,8 +15,15 @@ from metagrad_rl.pytree import detach_state
 from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.fused import critic_stack_order
-from metagrad_rl.trainers.bilevel.state import BilevelState, Parts
-from metagrad_rl.trainers.common import FlatParams, optimizer_for, to_device
+from metagrad_rl.trainers.bilevel.state import BilevelState, Parts, RoundRecord
+from metagrad_rl.trainers.common import (
+    FlatParams,
+    make_optimizer,
+    optimizer_for,
+    optimizer_state_from_list,
+    to_device,
+)
+from metagrad_rl.trainers.meta_grad_pieces import UnrollInputs
 
 
 def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]:
@@ -50,6 +58,9 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
     joint = optimizer_for(cfg, cfg.adam_eps_root, lr_restart, segments)
     parts.joint_tx = par.averaged(joint, plain=True)
     parts.critic_order = critic_stack_order(critics)
+    parts.unroll_inputs = UnrollInputs(
+        parts.problem, partial(round_optimizer, cfg, parts), cfg.lookahead_steps, cfg.surrogate
+    )
     par.sync_([*theta.values(), *eta.values(), critics.flat])
     state = BilevelState(
         theta=theta,
@@ -92,3 +103,26 @@ def policy_optimizer(cfg: BilevelConfig, lr_restart: int = 0) -> Any:
     round can step both as one vector (:attr:`Parts.joint_tx`).
     """
     return optimizer_for(cfg, eps_root=cfg.adam_eps_root, restart=lr_restart)
+
+
+def round_optimizer(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> tuple[Any, Any]:
+    """The inner optimizer under the learning-rate schedule ``rec`` ran under (``--total-steps``
+    may have changed since), and its state at ``rec`` (an estimator's
+    :attr:`~metagrad_rl.trainers.meta_grad_pieces.UnrollInputs.optimizer_at`)."""
+    tx = parts.theta_tx
+    if rec.schedule is not None:
+        restart, n = rec.schedule
+        tx = parts.par.averaged(
+            make_optimizer(
+                cfg.lr,
+                cfg.steps_per_round,
+                n,
+                cfg.anneal_lr,
+                cfg.max_grad_norm,
+                cfg.adam_eps,
+                cfg.adam_eps_root,
+                restart,
+                inner_opt=cfg.inner_opt,
+            )
+        )
+    return tx, optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)

@@ -19,7 +19,6 @@ from torch import Tensor
 from metagrad_rl.optim import clip_counts
 from metagrad_rl.trainers.bilevel.collect import round_batch
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
-from metagrad_rl.trainers.bilevel.estimator import start_unroll
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, Parts, RoundRecord
 from metagrad_rl.trainers.common import optimizer_state_to_list
 from metagrad_rl.unroll import minibatch_indices
@@ -42,8 +41,7 @@ def record_round(
         j_hat=float(np.mean(eps.returns)) if eps.returns else None,
         schedule=(state.lr_restart, cfg.num_iterations),
     )
-    if mg.starts_at_record:
-        rec.graph = start_unroll(cfg, parts, rec)
+    rec.graph = mg.start_at_record(rec, parts.unroll_inputs)
     return replace(state, pending=rec)
 
 

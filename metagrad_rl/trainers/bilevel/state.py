@@ -23,6 +23,7 @@ from metagrad_rl.trainers.common import (
     policy_snapshot,
     to_device,
 )
+from metagrad_rl.trainers.meta_grad_pieces import UnrollInputs
 from metagrad_rl.unroll import MetaProblem
 
 
@@ -60,6 +61,10 @@ class Parts:
     critic_order: Tensor | None = None
     """Where each entry of the plain round's stacked critics sits in ``critics.flat``
     (:func:`critic_stack_order`)."""
+    unroll_inputs: UnrollInputs | None = None
+    """What the estimator's unroll starts from: ``problem``, the inner optimizer at a recorded
+    round (:func:`~metagrad_rl.trainers.bilevel.build.round_optimizer`), the look-ahead steps
+    and the surrogate."""
 
 
 @dataclass

@@ -18,7 +18,6 @@ from metagrad_rl.rollout import Collector
 from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel.collect import outer_batch
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
-from metagrad_rl.trainers.bilevel.estimator import start_unroll
 from metagrad_rl.trainers.bilevel.state import (
     BilevelState,
     Collected,
@@ -82,38 +81,38 @@ def next_baseline(baseline: float | None, j_hat: float | None, decay: float) -> 
 def meta_step(
     cfg: BilevelConfig, parts: Parts, state: BilevelState, rec: RoundRecord, data: Collected
 ) -> MetaStep:
-    """The chosen estimator's gradient of ``L_out`` w.r.t. ``eta`` (nothing is applied here)."""
-    mg, outer = parts.meta_grad, outer_batch(data)
+    """The chosen estimator's gradient of ``L_out`` w.r.t. ``eta`` (nothing is applied here):
+    what the validation round offers (:class:`~metagrad_rl.trainers.meta_grads.MetaGradContext`)
+    handed to :meth:`~metagrad_rl.trainers.meta_grads.MetaGrad.gradient`."""
+    outer = outer_batch(data)
     theta_den = rec.theta if cfg.denominator == "theta_k" else state.theta
-    weight = None
-    result = None
-    if mg.score is not None:
-        b = mg.score.baseline(state.baseline)
-        sigma = parts.par.union_std(data.adv_ex)  # the union's, as its score term needs
-        weight = score_weight(
-            data.rollout.episodes, b, reward_scale(parts.collector), data.adv_ex, sigma
-        )
-    if mg.unroll is not None:
-        # a resumed run re-runs the unroll; a multi-round one starts here, from the history
-        graph = rec.graph or start_unroll(cfg, parts, rec, state.history)
-        result = graph.finish(
-            outer,
-            denominator=cfg.denominator,
-            score_weight=weight,
-            magic_box=mg.score is not None and mg.score.magic_box,
-        )
-        result = parts.par.combine_meta(result)  # averaged over the workers (score: summed)
 
     def eq17() -> Params:
         g = eq17_gradient(parts.problem, state.theta, rec.eta, outer, theta_den, rec.eta)
         return dict(parts.par.average_(g))
 
-    grad, named = mg.apply(meta_grads.MetaGradContext(result, eq17))
-    diag = dict(result.diagnostics) if result is not None else {}
+    def weight_at(baseline: float) -> float | None:
+        sigma = parts.par.union_std(data.adv_ex)  # the union's, as the score term needs
+        scale = reward_scale(parts.collector)
+        return score_weight(data.rollout.episodes, baseline, scale, data.adv_ex, sigma)
+
+    ctx = meta_grads.MetaGradContext(
+        None,
+        eq17,
+        rec=rec,
+        history=state.history,
+        outer=outer,
+        denominator=cfg.denominator,
+        inputs=parts.unroll_inputs,
+        score_weight_at=weight_at,
+        baseline=state.baseline,
+        combine=parts.par.combine_meta,  # averaged over the workers (score: summed)
+    )
+    grad, named = parts.meta_grad.gradient(ctx)
+    diag = dict(ctx.result.diagnostics) if ctx.result is not None else {}
+    diag.update(ctx.diagnostics)
     diag.update({f"norm_{k}": float(flatten(g).norm()) for k, g in named.items()})
     diag["norm_applied"] = float(flatten(grad).norm())
-    if mg.score is not None:
-        diag["score_weight"] = 0.0 if weight is None else weight
     return MetaStep(grad, named, diag, rec, outer, state.theta)
 
 
