@@ -22,6 +22,7 @@ from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel import (
     CLNConfig,
     LIRPGConfig,
+    StepSettings,
     build,
     build_problem,
     mixed_advantages,
@@ -480,10 +481,12 @@ def test_r_in_coef_zero_is_the_conditioned_architecture_alone(tmp_path):
         torch.rand(t, n, generator=g) < 0.2,
         *(torch.randn(t, n, generator=g) for _ in range(2)),
     )
-    a1 = mixed_advantages(cfg, b, torch.randn(t, n, generator=g))
-    a2 = mixed_advantages(cfg, b, torch.randn(t, n, generator=g))
+    hp = StepSettings.of(cfg)
+    a1 = mixed_advantages(hp, b, torch.randn(t, n, generator=g))
+    a2 = mixed_advantages(hp, b, torch.randn(t, n, generator=g))
     assert torch.equal(a1, a2)
-    assert not torch.equal(a1, mixed_advantages(_config("cln"), b, torch.randn(t, n, generator=g)))
+    cln = StepSettings.of(_config("cln"))
+    assert not torch.equal(a1, mixed_advantages(cln, b, torch.randn(t, n, generator=g)))
 
 
 def test_docs_table_and_cli_choices_read_the_registry(capsys):
@@ -541,8 +544,8 @@ def test_a_non_finite_meta_gradient_skips_eta_step_and_is_counted(tmp_path, monk
 
     real, seen = validation.meta_step, []
 
-    def poisoned(cfg, parts, state, rec, data):
-        step = real(cfg, parts, state, rec, data)
+    def poisoned(parts, state, rec, data):
+        step = real(parts, state, rec, data)
         if not seen:  # the first meta-step: one NaN entry
             k = next(iter(step.grad))
             step.grad[k] = (
@@ -597,8 +600,8 @@ def test_a_diverged_policy_round_is_a_divergence_error_not_bad_input(tmp_path, m
 
     real = fused.fused_round
 
-    def diverging(cfg, parts, state, data, adv_mix):
-        state, log = real(cfg, parts, state, data, adv_mix)
+    def diverging(parts, state, data, adv_mix):
+        state, log = real(parts, state, data, adv_mix)
         if state.iteration == 1:
             nan = torch.full_like(state.theta["log_std"], torch.nan)
             state = replace(state, theta={**state.theta, "log_std": nan})

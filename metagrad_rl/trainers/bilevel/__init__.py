@@ -17,7 +17,8 @@ this loop over named steps, each taking the :class:`BilevelState` and returning 
                        does not differentiate the real round
     log, checkpoint    :func:`~logs.iteration_row`, :class:`~metagrad_rl.trainers.run.Run`
 
-Config in ``config.py``, state and records in ``state.py``, the networks, optimizers and envs
+Config in ``config.py``, the values the steps read in ``settings.py`` (the config stops at
+``build``), state and records in ``state.py``, the networks, optimizers and envs
 in ``build.py``; how an estimator starts and finishes is its own
 (:mod:`metagrad_rl.trainers.meta_grad_pieces`).
 
@@ -68,6 +69,7 @@ from metagrad_rl.trainers.bilevel.policy import (
     record_round,
     round_schedule,
 )
+from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import (
     BilevelState,
     Collected,
@@ -92,6 +94,7 @@ __all__ = [
     "MetaStep",
     "Parts",
     "RoundRecord",
+    "StepSettings",
     "build",
     "build_problem",
     "check_diverged",

@@ -15,6 +15,7 @@ from metagrad_rl.pytree import detach_state
 from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.fused import critic_stack_order
+from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import BilevelState, Parts, RoundRecord
 from metagrad_rl.trainers.common import (
     FlatParams,
@@ -47,6 +48,7 @@ def build(cfg: BilevelConfig, lr_restart: int = 0) -> tuple[Parts, BilevelState]
         collector=collector,
         update_gen=par.update_generator(cfg.seed),
         meta_grad=meta_grads.get(cfg.meta_grad),
+        settings=StepSettings.of(cfg),
         par=par,
     )
     if par.distributed:

@@ -10,15 +10,14 @@ from torch import Tensor
 from metagrad_rl.advantages import gae
 from metagrad_rl.networks import intrinsic_reward
 from metagrad_rl.rollout import Batch, collect_rollout, critic_values
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
+from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, Parts, policy_condition
 
 
-def collect(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState
-) -> tuple[BilevelState, Collected]:
+def collect(parts: Parts, state: BilevelState) -> tuple[BilevelState, Collected]:
     """Samples ``tau_k`` with the current policy; extrinsic advantages by ``V_ex``; the state
     with its step count advanced."""
+    hp = parts.settings
     views = state.critics.views()
     rollout = collect_rollout(
         parts.collector,
@@ -26,9 +25,9 @@ def collect(
         state.theta,
         parts.v_mix,
         views["v_mix"],
-        cfg.num_steps,
-        policy_condition(cfg, state.eta),
-        device=cfg.device,
+        hp.num_steps,
+        policy_condition(hp, state.eta),
+        device=hp.device,
     )
     parts.par.combine_normalisers(parts.collector)
     rollout = rollout._replace(episodes=parts.par.union_episodes(rollout.episodes))
@@ -36,10 +35,8 @@ def collect(
     with torch.no_grad():
         ex_v = critic_values(parts.v_ex, views["v_ex"], b.obs)
         ex_v_next = critic_values(parts.v_ex, views["v_ex"], b.next_obs)
-        adv_ex = gae(
-            b.r_ex, ex_v, ex_v_next, b.terminated, b.episode_end, cfg.gamma, cfg.gae_lambda
-        )
-    state = replace(state, global_step=state.global_step + cfg.batch_size)
+        adv_ex = gae(b.r_ex, ex_v, ex_v_next, b.terminated, b.episode_end, hp.gamma, hp.gae_lambda)
+    state = replace(state, global_step=state.global_step + hp.batch_size)
     return state, Collected(rollout, ex_v, adv_ex)
 
 
@@ -66,12 +63,12 @@ def outer_batch(data: Collected) -> dict[str, Tensor]:
     }
 
 
-def mixed_advantages(cfg: BilevelConfig, b: Batch, r_in: Tensor) -> Tensor:
+def mixed_advantages(hp: StepSettings, b: Batch, r_in: Tensor) -> Tensor:
     """GAE of the policy's reward ``r_ex_coef r_ex + r_in_coef r_in`` by ``V_mix``."""
-    r_mix = cfg.r_ex_coef * b.r_ex + cfg.r_in_coef * r_in
+    r_mix = hp.r_ex_coef * b.r_ex + hp.r_in_coef * r_in
     with torch.no_grad():
         return gae(
-            r_mix, b.values, b.next_values, b.terminated, b.episode_end, cfg.gamma, cfg.gae_lambda
+            r_mix, b.values, b.next_values, b.terminated, b.episode_end, hp.gamma, hp.gae_lambda
         )
 
 

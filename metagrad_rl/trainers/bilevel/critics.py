@@ -13,19 +13,19 @@ from torch import Tensor
 from metagrad_rl.ppo import value_loss
 from metagrad_rl.pytree import Params
 from metagrad_rl.rollout import stack_params, stacked_critic_values
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
+from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, Parts
 from metagrad_rl.trainers.common import explained_variance
 
 
 def critic_round(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
+    parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
 ) -> tuple[BilevelState, dict[str, float]]:
     """Value regression of both critics on the round's minibatches (clipped value loss).
 
     Returns the state with the critics' new optimizer state (their flat vector,
     ``state.critics.flat``, is stepped in place) and the critic columns."""
-    v = value_targets(cfg, data, adv_mix)
+    v = value_targets(parts.settings, data, adv_mix)
     mbs = state.pending.minibatches if state.pending is not None else []
     total, critic_state = 0.0, state.critic_state
     for idx in mbs:
@@ -47,7 +47,7 @@ def critic_stats(v: dict[str, Any], total_loss: float, steps: int) -> dict[str, 
     }
 
 
-def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[str, Any]:
+def value_targets(hp: StepSettings, data: Collected, adv_mix: Tensor) -> dict[str, Any]:
     """Flat observations, returns and old values of ``V_mix`` (mixed) and ``V_ex`` (extrinsic);
     ``ret`` and ``old`` stack both critics' (``[2, T*N]``, ``V_mix`` first)."""
     b = data.batch
@@ -57,7 +57,7 @@ def value_targets(cfg: BilevelConfig, data: Collected, adv_mix: Tensor) -> dict[
         "obs": b.obs.reshape(-1, b.obs.shape[-1]),
         "ret": torch.stack([ret_mix, ret_ex]),
         "old": torch.stack([old_mix, old_ex]),
-        "clip": cfg.clip_coef if cfg.clip_vloss else None,
+        "clip": hp.clip_coef if hp.clip_vloss else None,
     }
 
 

@@ -14,7 +14,6 @@ from metagrad_rl.meta_problem import minibatch_of, round_extras
 from metagrad_rl.optim import join_states, permute_state, split_state
 from metagrad_rl.pytree import detach_state
 from metagrad_rl.rollout import stack_params
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.critics import (
     critic_stats,
     optimizer_step,
@@ -28,7 +27,7 @@ from metagrad_rl.unroll import InnerSurrogate, prepare_round
 
 
 def fused_round(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
+    parts: Parts, state: BilevelState, data: Collected, adv_mix: Tensor
 ) -> tuple[BilevelState, dict[str, float]]:
     """The policy round and the critic round in one pass, nothing kept for differentiation.
 
@@ -48,13 +47,13 @@ def fused_round(
     problem = parts.plain_problem or parts.problem
     with torch.no_grad():
         inner = prepare_round(
-            problem, rec.batch, state.theta, eta, eta, InnerSurrogate(cfg.surrogate)
+            problem, rec.batch, state.theta, eta, eta, InnerSurrogate(parts.settings.surrogate)
         )
         # with several workers: the union advantage statistics of every minibatch, in two
         # collectives for the round (the problem's minibatch_data)
         extras = round_extras(problem, inner, rec.minibatches)
-    v = value_targets(cfg, data, adv_mix)
-    joint, opt = _joined(cfg, parts, state)
+    v = value_targets(parts.settings, data, adv_mix)
+    joint, opt = _joined(parts, state)
     total = 0.0
     for j, idx in enumerate(rec.minibatches):
         leaves = joint.leaves()
@@ -69,7 +68,7 @@ def fused_round(
     return new, {**critic_stats(v, total, len(rec.minibatches)), "grad_clip_share": share}
 
 
-def _joined(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> tuple[FlatParams, Any]:
+def _joined(parts: Parts, state: BilevelState) -> tuple[FlatParams, Any]:
     """``[theta, stacked critics]`` as one flat vector and its joined optimizer state (the
     critics as one stacked ``[V_mix, V_ex]`` network: entry order ``parts.critic_order`` of
     ``critics.flat``)."""
@@ -77,7 +76,7 @@ def _joined(cfg: BilevelConfig, parts: Parts, state: BilevelState) -> tuple[Flat
     assert order is not None
     crit = state.critics.views()
     stacked = stack_params([crit["v_mix"], crit["v_ex"]])
-    joint = FlatParams({"theta": state.theta, "critics": stacked}, cfg.device)
+    joint = FlatParams({"theta": state.theta, "critics": stacked}, parts.settings.device)
     critic_state = permute_state(state.critic_state, order)
     layout = FlatLayout(state.theta)
     return joint, join_states(layout.flatten_state(state.theta_state), critic_state)

@@ -14,35 +14,33 @@ from metagrad_rl.networks import policy_log_prob
 from metagrad_rl.ppo import clipped_surrogate_loss, surrogate_stats
 from metagrad_rl.rollout import Batch
 from metagrad_rl.trainers import meta_grads
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, MetaStep, Parts
 from metagrad_rl.trainers.common import episode_row, lr_at
 
 
-def policy_stats(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, b: Batch, adv_mix: Tensor
-) -> dict[str, float]:
+def policy_stats(parts: Parts, state: BilevelState, b: Batch, adv_mix: Tensor) -> dict[str, float]:
     """PPO's columns for the round just done, on the whole batch at ``theta_{k+1}``.
 
     ``pg_loss`` is the clipped surrogate of the mixed advantages, ``approx_kl`` and
     ``clip_frac`` compare ``pi_{theta_{k+1}, eta_{i+1}}`` with the behaviour policy, ``lr`` is
     the step size of the round's last update.
     """
+    hp = parts.settings
     obs, act = b.obs.reshape(-1, b.obs.shape[-1]), b.act.reshape(-1, b.act.shape[-1])
     with torch.no_grad():
         logp = policy_log_prob(parts.policy, state.theta, obs, act, state.eta)
         adv = adv_mix.reshape(-1)
-        adv = normalize(adv) if cfg.norm_adv else adv
+        adv = normalize(adv) if hp.norm_adv else adv
         old = b.logp.reshape(-1)
-        pg = clipped_surrogate_loss(logp, old, adv, cfg.clip_coef)
-        stats = surrogate_stats(logp, old, cfg.clip_coef)
+        pg = clipped_surrogate_loss(logp, old, adv, hp.clip_coef)
+        stats = surrogate_stats(logp, old, hp.clip_coef)
         ent = parts.policy.entropy(state.theta)
     return {
         "pg_loss": float(pg),
         "entropy": float(ent),
         "approx_kl": float(stats.approx_kl),
         "clip_frac": float(stats.clip_fraction),
-        "lr": lr_at(cfg, state.iteration, state.lr_restart),
+        "lr": lr_at(hp, state.iteration, state.lr_restart),
     }
 
 
@@ -82,7 +80,6 @@ def meta_columns(mg: meta_grads.MetaGrad, step: MetaStep | None) -> dict[str, An
 
 
 def iteration_row(
-    cfg: BilevelConfig,
     parts: Parts,
     state: BilevelState,
     data: Collected,
@@ -95,7 +92,7 @@ def iteration_row(
     advanced); ``round_log`` holds the rounds' columns."""
     return {
         **episode_row(state.iteration + 1, data.rollout.episodes),
-        **policy_stats(cfg, parts, state, data.batch, adv_mix),
+        **policy_stats(parts, state, data.batch, adv_mix),
         **round_log,
         **intrinsic_stats(r_in, data.batch.episode_end),
         **meta_columns(parts.meta_grad, step),

@@ -41,24 +41,24 @@ def train(
     unrolled = parts.meta_grad.continues_from_unroll
     while run.keep_going(s.iteration, s.global_step, stop_at_step):
         # ---- tau_k ~ pi_{theta_k, eta_i}
-        s, data = collect(cfg, parts, s)
+        s, data = collect(parts, s)
         # ---- Eq 24: the meta-gradient of the pending round on tau_k; eta_i -> eta_{i+1}
-        s, step = validation.validation_round(cfg, parts, s, data)
+        s, step = validation.validation_round(parts, s, data)
         if step is not None and on_meta_step is not None:
             on_meta_step(step)
         r_in = intrinsic_rewards(parts, s, data)
-        adv_mix = mixed_advantages(cfg, data.batch, r_in)
+        adv_mix = mixed_advantages(parts.settings, data.batch, r_in)
         # ---- Eq 23: theta_k -> theta_{k+1} on tau_k with eta_{i+1}; then V_mix, V_ex
-        s = policy.record_round(cfg, parts, s, data)
+        s = policy.record_round(parts, s, data)
         if unrolled:  # theta_{k+1} is the estimator's differentiable unroll of this round
             s, policy_log = policy.policy_round(s)
-            s, critic_log = critics.critic_round(cfg, parts, s, data, adv_mix)
+            s, critic_log = critics.critic_round(parts, s, data, adv_mix)
             round_log = {**critic_log, **policy_log}
         else:  # nothing to differentiate: policy and critics step together
-            s, round_log = fused.fused_round(cfg, parts, s, data, adv_mix)
+            s, round_log = fused.fused_round(parts, s, data, adv_mix)
         check_diverged(s, data)
         # ---- log, checkpoint
-        row = logs.iteration_row(cfg, parts, s, data, adv_mix, r_in, round_log, step)
+        row = logs.iteration_row(parts, s, data, adv_mix, r_in, round_log, step)
         s = end_iteration(s, data)
         run.log(s.global_step, row, progress)
         run.maybe_checkpoint(s.iteration, partial(s.to_checkpoint, parts, cfg))

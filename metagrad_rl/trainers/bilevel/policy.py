@@ -18,15 +18,12 @@ from torch import Tensor
 
 from metagrad_rl.optim import clip_counts
 from metagrad_rl.trainers.bilevel.collect import round_batch
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, Parts, RoundRecord
 from metagrad_rl.trainers.common import optimizer_state_to_list
 from metagrad_rl.unroll import minibatch_indices
 
 
-def record_round(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected
-) -> BilevelState:
+def record_round(parts: Parts, state: BilevelState, data: Collected) -> BilevelState:
     """The state with ``tau_k`` as its pending :class:`RoundRecord`: ``theta_k``, its optimizer
     state, the round batch, this round's minibatch order and ``eta_{i+1}``. An estimator that
     unrolls this round alone (the real round or its look-ahead) starts its unroll here; a
@@ -36,10 +33,10 @@ def record_round(
         theta=state.theta,
         opt_state=optimizer_state_to_list(state.theta_state),
         batch=round_batch(b, b.values, b.next_values),
-        minibatches=round_schedule(cfg, parts.update_gen, parts.par),
+        minibatches=round_schedule(parts.settings, parts.update_gen, parts.par),
         eta=state.eta,
         j_hat=float(np.mean(eps.returns)) if eps.returns else None,
-        schedule=(state.lr_restart, cfg.num_iterations),
+        schedule=(state.lr_restart, parts.settings.num_iterations),
     )
     rec.graph = mg.start_at_record(rec, parts.unroll_inputs)
     return replace(state, pending=rec)
@@ -60,9 +57,11 @@ def grad_clip_share(before: Any, after: Any) -> float:
     return (fired1 - fired0) / max(1, steps1 - steps0)
 
 
-def round_schedule(cfg: Any, gen: torch.Generator, par: Any = None) -> list[Tensor]:
-    """The round's minibatch order (:func:`metagrad_rl.unroll.minibatch_indices`); with the
+def round_schedule(hp: Any, gen: torch.Generator, par: Any = None) -> list[Tensor]:
+    """The round's minibatch order (:func:`metagrad_rl.unroll.minibatch_indices`) for the
+    ``batch_size``, ``update_epochs`` and ``num_minibatches`` of ``hp`` (the
+    :class:`~metagrad_rl.trainers.bilevel.settings.StepSettings` or a config); with the
     learner of ``N`` rollout workers (``par``), the union of the workers' orders."""
     if par is not None:
-        return list(par.schedule(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen))
-    return minibatch_indices(cfg.batch_size, cfg.update_epochs, cfg.num_minibatches, gen)
+        return list(par.schedule(hp.batch_size, hp.update_epochs, hp.num_minibatches, gen))
+    return minibatch_indices(hp.batch_size, hp.update_epochs, hp.num_minibatches, gen)

@@ -16,6 +16,7 @@ from metagrad_rl.pytree import Params
 from metagrad_rl.rollout import Batch, Collector, Rollout
 from metagrad_rl.trainers import meta_grads, parallel
 from metagrad_rl.trainers.bilevel.config import BilevelConfig
+from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.common import (
     FlatParams,
     optimizer_state_from_list,
@@ -27,10 +28,11 @@ from metagrad_rl.trainers.meta_grad_pieces import UnrollInputs
 from metagrad_rl.unroll import MetaProblem
 
 
-def policy_condition(cfg: BilevelConfig, eta: Params) -> Tensor | None:
+def policy_condition(hp: Any, eta: Params) -> Tensor | None:
     """The policy's conditioning input at ``eta`` (``cln_condition(eta)``, a constant; ``None``
-    for a policy that is not conditioned)."""
-    return cln_condition(eta).detach() if cfg.conditioning == "cln" else None
+    for a policy that is not conditioned); ``hp``: the step settings or the config (its
+    ``conditioning``)."""
+    return cln_condition(eta).detach() if hp.conditioning == "cln" else None
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Parts:
     collector: Collector
     update_gen: torch.Generator
     meta_grad: meta_grads.MetaGrad
+    settings: StepSettings
+    """The values the steps read (:class:`~metagrad_rl.trainers.bilevel.settings.StepSettings`),
+    from the config."""
     par: parallel.Parallel = field(default_factory=parallel.Parallel)
     """This worker (seeds, averaged optimizers and meta-gradient, union advantage statistics,
     combined normalisers; no-op in one process: :mod:`metagrad_rl.trainers.parallel`)."""

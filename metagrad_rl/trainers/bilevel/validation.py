@@ -17,7 +17,6 @@ from metagrad_rl.pytree import Params, all_finite, detach_state, flatten
 from metagrad_rl.rollout import Collector
 from metagrad_rl.trainers import meta_grads
 from metagrad_rl.trainers.bilevel.collect import outer_batch
-from metagrad_rl.trainers.bilevel.config import BilevelConfig
 from metagrad_rl.trainers.bilevel.state import (
     BilevelState,
     Collected,
@@ -28,7 +27,7 @@ from metagrad_rl.trainers.bilevel.state import (
 
 
 def validation_round(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, data: Collected
+    parts: Parts, state: BilevelState, data: Collected
 ) -> tuple[BilevelState, MetaStep | None]:
     """Finishes the pending round's meta-gradient on ``tau_{k+1}`` and steps ``eta``.
 
@@ -40,7 +39,7 @@ def validation_round(
     rec = state.pending
     if rec is None:
         return state, None
-    step = meta_step(cfg, parts, state, rec, data)
+    step = meta_step(parts, state, rec, data)
     eta, eta_state, skipped = state.eta, state.eta_state, state.meta_steps_skipped
     if not all_finite(step.grad):
         skipped += 1
@@ -50,7 +49,7 @@ def validation_round(
             f"step is skipped ({skipped} so far)",
             file=sys.stderr,
         )
-    elif cfg.eta_lr > 0:  # eta_lr = 0: eta stays exactly at its initialisation
+    elif parts.settings.eta_lr > 0:  # eta_lr = 0: eta stays exactly at its initialisation
         updates, eta_state = parts.eta_tx.update(step.grad, eta_state, params=eta, inplace=False)
         eta = detach_state(torchopt.apply_updates(eta, updates, inplace=False))
     step.diagnostics.setdefault("meta_steps_skipped", skipped)
@@ -65,7 +64,7 @@ def validation_round(
         meta_steps_skipped=skipped,
         pending=None,  # frees the unroll's graph
         history=history,
-        baseline=next_baseline(state.baseline, rec.j_hat, cfg.baseline_decay),
+        baseline=next_baseline(state.baseline, rec.j_hat, parts.settings.baseline_decay),
     )
     return state, step
 
@@ -78,14 +77,12 @@ def next_baseline(baseline: float | None, j_hat: float | None, decay: float) -> 
     return j_hat if baseline is None else decay * baseline + (1 - decay) * j_hat
 
 
-def meta_step(
-    cfg: BilevelConfig, parts: Parts, state: BilevelState, rec: RoundRecord, data: Collected
-) -> MetaStep:
+def meta_step(parts: Parts, state: BilevelState, rec: RoundRecord, data: Collected) -> MetaStep:
     """The chosen estimator's gradient of ``L_out`` w.r.t. ``eta`` (nothing is applied here):
     what the validation round offers (:class:`~metagrad_rl.trainers.meta_grads.MetaGradContext`)
     handed to :meth:`~metagrad_rl.trainers.meta_grads.MetaGrad.gradient`."""
-    outer = outer_batch(data)
-    theta_den = rec.theta if cfg.denominator == "theta_k" else state.theta
+    outer, denominator = outer_batch(data), parts.settings.denominator
+    theta_den = rec.theta if denominator == "theta_k" else state.theta
 
     def eq17() -> Params:
         g = eq17_gradient(parts.problem, state.theta, rec.eta, outer, theta_den, rec.eta)
@@ -102,7 +99,7 @@ def meta_step(
         rec=rec,
         history=state.history,
         outer=outer,
-        denominator=cfg.denominator,
+        denominator=denominator,
         inputs=parts.unroll_inputs,
         score_weight_at=weight_at,
         baseline=state.baseline,
