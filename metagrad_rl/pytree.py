@@ -46,6 +46,14 @@ def detach_state(state: Any) -> Any:
     return torchopt.pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, state)
 
 
+def clone_state(state: Any) -> Any:
+    """An optimizer state (any pytree) with every tensor detached and copied (a step in place
+    on the copy leaves ``state`` as it was)."""
+    return torchopt.pytree.tree_map(
+        lambda x: x.detach().clone() if isinstance(x, Tensor) else x, state
+    )
+
+
 def flatten(grads: Mapping[str, Tensor]) -> Tensor:
     """Concatenate a dict of tensors into one vector (in the dict's key order)."""
     return torch.cat([g.reshape(-1) for g in grads.values()])

@@ -627,3 +627,42 @@ def test_a_diverged_policy_round_is_a_divergence_error_not_bad_input(tmp_path, m
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("metagrad-rl: error: training diverged at iteration 2")
+
+
+@pytest.mark.parametrize("meta_grad", ["eq17", "exact"])
+def test_the_rounds_return_what_they_change_and_leave_their_input_state(meta_grad):
+    """The policy, critic and fused rounds return a new state; the one they were given keeps
+    its theta, critics and optimizer states bit for bit (no step writes into it)."""
+    from metagrad_rl.trainers.bilevel import collect, intrinsic_rewards, record_round
+    from metagrad_rl.trainers.bilevel.critics import critic_round
+    from metagrad_rl.trainers.bilevel.fused import fused_round
+    from metagrad_rl.trainers.bilevel.policy import policy_round
+    from metagrad_rl.trainers.common import optimizer_state_to_list
+
+    cfg = _config("cln", meta_grad=meta_grad)
+    parts, s = build(cfg)
+    try:
+        s, data = collect(parts, s)
+        adv = mixed_advantages(parts.settings, data.batch, intrinsic_rewards(parts, s, data))
+        s = record_round(parts, s, data)
+
+        def snapshot(st):
+            states = [st.theta_state, st.critic_state]
+            return [
+                flatten(st.theta).clone(),
+                st.critics.flat.clone(),
+                *[t.clone() for x in states for t in optimizer_state_to_list(x)],
+            ]
+
+        before = snapshot(s)
+        if parts.meta_grad.continues_from_unroll:
+            new, _ = policy_round(s)
+            new, _ = critic_round(parts, new, data, adv)
+        else:
+            new, _ = fused_round(parts, s, data, adv)
+        after = snapshot(s)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        moved = snapshot(new)
+        assert not torch.equal(moved[0], before[0]) and not torch.equal(moved[1], before[1])
+    finally:
+        parts.collector.envs.close()

@@ -41,6 +41,10 @@ class FlatParams:
                 t.requires_grad_(True)
         self._leaf_list = [t for group in self._leaves.values() for t in group.values()]
 
+    def copy(self) -> FlatParams:
+        """A new :class:`FlatParams` of the same groups with a copy of :attr:`flat`."""
+        return FlatParams(self.state_dict(), self.flat.device)
+
     def leaves(self) -> dict[str, Params]:
         """``{group: {name: leaf}}`` sharing :attr:`flat`'s memory (see the class docstring)."""
         return self._leaves

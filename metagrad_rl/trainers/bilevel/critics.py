@@ -11,7 +11,7 @@ import torchopt
 from torch import Tensor
 
 from metagrad_rl.ppo import value_loss
-from metagrad_rl.pytree import Params
+from metagrad_rl.pytree import Params, clone_state
 from metagrad_rl.rollout import stack_params, stacked_critic_values
 from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import BilevelState, Collected, Parts
@@ -23,19 +23,20 @@ def critic_round(
 ) -> tuple[BilevelState, dict[str, float]]:
     """Value regression of both critics on the round's minibatches (clipped value loss).
 
-    Returns the state with the critics' new optimizer state (their flat vector,
-    ``state.critics.flat``, is stepped in place) and the critic columns."""
+    Returns the state with the new critics and their optimizer state (both copies: ``state``
+    is left as it was) and the critic columns."""
     v = value_targets(parts.settings, data, adv_mix)
     mbs = state.pending.minibatches if state.pending is not None else []
-    total, critic_state = 0.0, state.critic_state
+    critics, critic_state = state.critics.copy(), clone_state(state.critic_state)
+    total = 0.0
     for idx in mbs:
-        c = state.critics.leaves()
+        c = critics.leaves()
         loss = value_losses(parts, stack_params([c["v_mix"], c["v_ex"]]), v, idx)
-        grad = state.critics.flat_grad(loss)
-        flat = (state.critics.flat,)
-        critic_state = optimizer_step(parts.critic_tx, (grad,), critic_state, flat)
+        grad = critics.flat_grad(loss)
+        critic_state = optimizer_step(parts.critic_tx, (grad,), critic_state, (critics.flat,))
         total += float(loss.detach())
-    return replace(state, critic_state=critic_state), critic_stats(v, total, len(mbs))
+    new = replace(state, critics=critics, critic_state=critic_state)
+    return new, critic_stats(v, total, len(mbs))
 
 
 def critic_stats(v: dict[str, Any], total_loss: float, steps: int) -> dict[str, float]:

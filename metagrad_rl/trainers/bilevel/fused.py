@@ -38,8 +38,8 @@ def fused_round(
     :func:`metagrad_rl.unroll.unroll` with ``create_graph=False`` followed by
     :func:`~metagrad_rl.trainers.bilevel.critics.critic_round` (``tests/test_bilevel.py``), in
     half the backward passes and optimizer steps. Returns the state with ``theta_{k+1}``, both
-    optimizer states and the critics (their flat vector copied in place), and the columns of
-    both rounds.
+    optimizer states and the critics (new copies: ``state`` is left as it was), and the columns
+    of both rounds.
     """
     rec, eta = state.pending, state.eta
     assert rec is not None
@@ -88,10 +88,12 @@ def _split(parts: Parts, state: BilevelState, joint: FlatParams, opt: Any) -> Bi
     n_theta = sum(layout.sizes)
     theta_state, critic_state = split_state(opt, n_theta)
     inverse = torch.argsort(parts.critic_order)  # type: ignore[arg-type]
+    critics = state.critics.copy()
     with torch.no_grad():
-        state.critics.flat.copy_(joint.flat[n_theta:][inverse])
+        critics.flat.copy_(joint.flat[n_theta:][inverse])
     return replace(
         state,
+        critics=critics,
         theta={k: t.detach().clone() for k, t in joint.views()["theta"].items()},
         theta_state=detach_state(layout.unflatten_state(theta_state)),
         critic_state=permute_state(critic_state, inverse),
