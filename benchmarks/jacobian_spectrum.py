@@ -95,7 +95,7 @@ SCHEDULE_FACTOR = 5  # as compare_terms' accuracy section: lr stays >= 0.8 x its
 
 
 @dataclass(frozen=True)
-class Budget:
+class SpectrumBudget:
     steps: int
     """Environment steps of the CLN run (the first ones of a 5x longer lr schedule)."""
     checkpoints: int
@@ -106,8 +106,8 @@ class Budget:
     """Stop early when ||J^T J v - sigma^2 v|| / sigma^2 is below this."""
 
 
-SMALL = Budget(steps=20_480, checkpoints=2, iters=8)
-FULL = Budget(steps=100_352, checkpoints=8, iters=20)
+SMALL = SpectrumBudget(steps=20_480, checkpoints=2, iters=8)
+FULL = SpectrumBudget(steps=100_352, checkpoints=8, iters=20)
 
 
 # =================================================================================================
@@ -217,7 +217,7 @@ def adjoint_gain(
 # One checkpoint
 # =================================================================================================
 def spectrum_at(
-    problem: Any, cfg: CLNConfig, step: Any, budget: Budget, seed: int,
+    problem: Any, cfg: CLNConfig, step: Any, budget: SpectrumBudget, seed: int,
     variants: Sequence[str] = VARIANTS,
 ) -> list[Row]:  # fmt: skip
     """``||J||_2`` of the stored round for every variant, with the round's diagnostics.
@@ -278,7 +278,7 @@ def spectrum_at(
 # =================================================================================================
 def run(
     out: Path,
-    budget: Budget,
+    budget: SpectrumBudget,
     *,
     env: str = "Hopper-v5",
     seed: int = 1,

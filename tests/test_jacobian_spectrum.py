@@ -20,7 +20,7 @@ TINY = dict(num_steps=128, num_minibatches=4, update_epochs=2)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("jacobian_spectrum")
-    budget = js.Budget(steps=256, checkpoints=1, iters=3)
+    budget = js.SpectrumBudget(steps=256, checkpoints=1, iters=3)
     rows = js.run(out, budget, **TINY)
     js.write(out, rows, {"budget": "tiny"})
     return out, rows

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from metagrad_rl.metagrad import eq17_gradient, meta_gradient
-from metagrad_rl.pytree import flatten
+from metagrad_rl.pytree import TERMS, flatten
 from metagrad_rl.rundir import clear_run_dir
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import (
@@ -87,7 +87,7 @@ def terms_at(
         )
     rows = []
     for r, res in runs:
-        t = {n: flatten(getattr(res, n)) for n in ("eq11", "eq12", "eq13", "eq14", "total")}
+        t = {n: flatten(getattr(res, n)) for n in (*TERMS, "total")}
         total = t["total"]
         on = {"round": res, "lookahead": look, "R1": res1}
         est = {
@@ -96,7 +96,7 @@ def terms_at(
         }
         tn = float(total.norm())
         row: Row = {"R": r, "norm_total": tn}
-        for n in ("eq11", "eq12", "eq13", "eq14"):
+        for n in TERMS:
             row[f"norm_{n}"] = float(t[n].norm())
             row[f"share_{n}"] = float(t[n].norm()) / tn if tn else float("nan")
             row[f"cos_{n}"] = cos(t[n], total)
@@ -231,7 +231,7 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> Path:
         if not sub:
             continue
         x = [r["env_steps"] for r in sub]
-        for n in ("eq11", "eq12", "eq13", "eq14", "total"):
+        for n in (*TERMS, "total"):
             if n == "eq14" and r_ == 1:
                 continue  # zero with one round
             y = [r[f"norm_{n}"] for r in sub]

@@ -8,6 +8,7 @@ from typing import Any
 
 from metagrad_rl.checkpoint import atomic_write_bytes
 from metagrad_rl.plotting import SeriesStyles, figure_bytes, legend_outside, pyplot
+from metagrad_rl.pytree import TERMS
 from metagrad_rl.trainers.meta_grads import META_GRADS
 
 __all__ = ["SeriesStyles", "colour", "legend_outside", "pyplot", "save_png", "styles"]
@@ -21,7 +22,7 @@ def save_png(fig: Any, path: Path) -> Path:
 
 
 #: Names drawn in the benchmark's figures besides the registered estimators.
-OTHER_NAMES = ("eq11", "eq12", "eq13", "eq14", "total", "ppo", "lirpg-lookahead")
+OTHER_NAMES = (*TERMS, "total", "ppo", "lirpg-lookahead")
 OTHER_NAMES += ("three-term-lookahead", "total-R1")
 
 
