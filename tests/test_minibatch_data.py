@@ -108,3 +108,50 @@ def test_a_minibatch_data_of_the_wrong_length_is_one_line():
     with pytest.raises(ConfigError, match="minibatch_data"):
         MetaProblem(problem.prepare, problem.inner_loss, problem.outer_loss,
                     minibatch_data=lambda data: [])  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 3], ids=["stored", "checkpointed"])
+def test_the_round_statistics_path_passes_central_differences_with_clipping_firing(
+    checkpoint_every,
+):
+    """The problem with ``minibatch_data`` (round statistics through ``sum_over_workers``)
+    against central differences in float64, with the trainer's own chain (clip, then Adam)
+    and a clip threshold that fires on some inner steps and not on others: every term and
+    the total pass the verifier, and the terms sum to the total to 1e-12."""
+    import statistics
+
+    from meta_helpers import inner_gradient_norms
+
+    from metagrad_rl.optim import clip_counts
+    from metagrad_rl.trainers.bilevel import CLNConfig, policy_optimizer
+    from metagrad_rl.verify import verify_meta_gradient
+
+    problem, theta, eta = _problem(lambda x: x)
+    assert problem.minibatch_data is not None
+    rounds, outer = _rounds()
+    adam = torchopt.adam(0.01, eps_root=1e-8)
+    norms = sorted(inner_gradient_norms(problem, adam, theta, eta, rounds))
+    for c in [statistics.median(norms)] + [(a + b) / 2 for a, b in zip(norms, norms[1:])]:
+        cfg = CLNConfig(max_grad_norm=c, lr=0.01, anneal_lr=False, adam_eps_root=1e-8)
+        tx = policy_optimizer(cfg)  # the trainer's chain
+        res = meta_gradient(problem, tx, theta, eta, rounds, outer)
+        fired, steps = clip_counts(res.opt_state)
+        if 0 < fired < steps:
+            break
+    assert 0 < fired < steps, (fired, steps)
+    report = verify_meta_gradient(
+        problem, tx, theta, eta, rounds, outer, checkpoint_every=checkpoint_every,
+        raise_on_failure=True,
+    )  # fmt: skip
+    assert report.passed and report.term_sum_max_abs_error < 1e-12
+
+
+def test_the_verifier_catches_round_statistics_taken_off_the_graph():
+    """The negative control of the test above: statistics whose sums leave the graph
+    (``sum_over_workers`` detaching, as a plain collective would) fail the check."""
+    from metagrad_rl.verify import verify_meta_gradient
+
+    problem, theta, eta = _problem(lambda x: x.detach())
+    rounds, outer = _rounds()
+    report = verify_meta_gradient(problem, _tx(), theta, eta, rounds, outer, allow_graph_cuts=True)
+    assert not report.passed
