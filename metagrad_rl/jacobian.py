@@ -46,7 +46,7 @@ from torchopt.typing import ScalarOrSchedule, Schedule
 from metagrad_rl.errors import ConfigError
 from metagrad_rl.flat import FLAT_KEY, FlatLayout
 from metagrad_rl.meta_problem import InnerSurrogate, MetaProblem, Round
-from metagrad_rl.pytree import Params
+from metagrad_rl.pytree import Params, detach, detach_state, take
 from metagrad_rl.unroll import inner_step, prepare_round
 
 
@@ -67,17 +67,17 @@ def round_map(
     twice.
     """
     layout = FlatLayout(theta_like)
-    eta_c = {k: v.detach() for k, v in eta.items()}
+    eta_c = detach(eta)
     x0 = {FLAT_KEY: layout.flatten(theta_like).detach()}
     state0 = tx.init(x0) if opt_state is None else layout.flatten_state(opt_state)
-    state0 = torchopt.pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state0)
+    state0 = detach_state(state0)
     sur = InnerSurrogate(surrogate)
 
     def view(x: Params) -> Params:
         return layout.unflatten(x[FLAT_KEY])
 
     # DETACHED: the denominator is a constant, its value at the given theta_k (not at F's input)
-    frozen = ({k: v.detach() for k, v in theta_like.items()}, eta_c)
+    frozen = (detach(theta_like), eta_c)
 
     def F(theta_flat: Tensor) -> Tensor:
         if not theta_flat.requires_grad:  # the inner steps differentiate w.r.t. it
@@ -89,7 +89,7 @@ def round_map(
         x = {k: v.view_as(v) for k, v in x.items()}
         state = state0
         for idx in rnd.minibatches:
-            mb = {k: v[idx] for k, v in data.items()}
+            mb = take(data, idx)
             x, state = inner_step(problem, tx, x, state, mb, eta_c, True, view)
         return x[FLAT_KEY]
 

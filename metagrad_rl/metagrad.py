@@ -153,6 +153,8 @@ def meta_gradient(
         ConfigError: bad input, a graph-cutting optimizer, or a non-finite value; the message
             names where it first appeared (the input ``eta``, ``prepare`` of round r, the inner
             loss, gradient or step at round r / step j, the outer loss, or the backward pass).
+        DivergenceError: the inner updates ran away from finite input (non-finite
+            parameters after a step); the message names the round and step.
     """
     outer_batch = check_outer_batch(outer_batch)
     opts = MetaGradOptions.of(options, **keywords)

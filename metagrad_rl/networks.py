@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from metagrad_rl.errors import ConfigError
+from metagrad_rl.numpy_policy import NumpyPolicy
 from metagrad_rl.pytree import Params
 
 #: Keys of ``eta`` that condition the policy (the reward net's last two layers, Fig. 2-3).
@@ -359,6 +360,3 @@ def intrinsic_reward(
 ) -> Tensor:
     """``r_eta(obs, act)`` as a pure function of ``eta``."""
     return functional_call(reward_net, dict(eta), (obs, act))
-
-
-from metagrad_rl.numpy_policy import NumpyPolicy  # noqa: E402 - it reads GaussianPolicy's layout

@@ -67,12 +67,6 @@ def run_settings(run_dirs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def differing_fields(settings: dict[str, dict[str, Any]]) -> list[str]:
-    """The fields (env and ignored ones aside) whose values are not the same in every run."""
-    keys = sorted({k for s in settings.values() for k in s} - {"env", *IGNORED_FIELDS})
-    return [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
-
-
 def _default_of(algo: Any, key: str) -> Any:
     """``key``'s default in ``algo``'s config (a sentinel when either is unknown)."""
     from metagrad_rl.trainers import ALGOS

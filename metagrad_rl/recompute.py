@@ -58,9 +58,9 @@ from metagrad_rl.options import (
     check_second_order,
     segment_length,
 )
-from metagrad_rl.pytree import Params, detach
+from metagrad_rl.pytree import Params, detach, detach_state
 from metagrad_rl.step_trace import StepTrace
-from metagrad_rl.unroll import _detach_leaf, _flat_view, inner_step, prepare_round
+from metagrad_rl.unroll import _flat_view, inner_step, prepare_round
 
 __all__ = [
     "SECOND_ORDER",
@@ -218,7 +218,7 @@ class Checkpointed:
             g = inner_gradient(self.problem, x, mb, eta_c, view)
             steps.append((j, x, state, g))
             x, state = optimizer_step(self.tx, x, state, g)
-            x, state = detach(x), _detach_tree(state)
+            x, state = detach(x), detach_state(state)
         if measure:
             self.segment_graph_bytes.append(tree_bytes([s[1:] for s in steps]))
         eta_in = unique_leaves([(pol, eta_pol)])
@@ -264,10 +264,6 @@ class Checkpointed:
 
 def _leaves(params: Mapping[str, Tensor]) -> Params:
     return {k: _leaf(v) for k, v in params.items()}
-
-
-def _detach_tree(state: Any) -> Any:
-    return torchopt.pytree.tree_map(_detach_leaf, state)
 
 
 def forward_sweep(
@@ -332,7 +328,7 @@ def _start(
     else:
         x = {FLAT_KEY: layout.flatten(theta).detach()}
         state = tx.init(x) if opt_state is None else layout.flatten_state(opt_state)
-    return x, _detach_tree(state)
+    return x, detach_state(state)
 
 
 class _Sweep:
@@ -395,7 +391,7 @@ class _Sweep:
                 minibatch_of(data, rnd.minibatches, j, extras), eta_values, False,
                 self.view, self.trace, (r, j),
             )  # fmt: skip
-            x, state = detach(x1), _detach_tree(state)
+            x, state = detach(x1), detach_state(state)
             self.s += 1
         ends = [seg.j0 for seg in self.segments[first + 1 :]] + [len(rnd.minibatches)]
         for seg, end in zip(self.segments[first:], ends):

@@ -38,7 +38,7 @@ from metagrad_rl.meta_problem import (
     minibatch_of,
     round_extras,
 )
-from metagrad_rl.pytree import BatchDict, Params, detach
+from metagrad_rl.pytree import BatchDict, Params, detach, detach_state
 from metagrad_rl.step_trace import StepTrace
 
 __all__ = [
@@ -251,7 +251,7 @@ def _restart(
             x = {FLAT_KEY: layout.flatten(theta_c)}
             state = layout.flatten_state(state_c)
     x = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-    return x, torchopt.pytree.tree_map(_detach_leaf, state)
+    return x, detach_state(state)
 
 
 def prefix_rounds(rounds: Sequence[Round], n_steps: int) -> list[Round]:
@@ -341,10 +341,6 @@ def anchor_at(
     if truncate is not None and truncate < n_steps:
         head = prefix_rounds(rounds, n_steps - truncate)
         pre = unroll(problem, tx, theta, shared, head, opt_state, surrogate, create_graph=False)
-        cut = (detach(pre.theta), torchopt.pytree.tree_map(_detach_leaf, pre.opt_state))
+        cut = (detach(pre.theta), detach_state(pre.opt_state))
     starts = [detach(s) for s in res.round_starts]
     return Anchor(eta_c, starts, detach(res.theta), cut)
-
-
-def _detach_leaf(t: Any) -> Any:
-    return t.detach() if isinstance(t, Tensor) else t

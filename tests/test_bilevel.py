@@ -666,3 +666,11 @@ def test_the_rounds_return_what_they_change_and_leave_their_input_state(meta_gra
         assert not torch.equal(moved[0], before[0]) and not torch.equal(moved[1], before[1])
     finally:
         parts.collector.envs.close()
+
+
+def test_unroll_inputs_default_surrogate_is_one_the_engine_accepts():
+    from metagrad_rl.options import MetaGradOptions
+    from metagrad_rl.trainers.meta_grads import UnrollInputs
+
+    inputs = UnrollInputs(problem=None, optimizer_at=lambda rec: (None, None))  # type: ignore[arg-type]
+    assert MetaGradOptions(surrogate=inputs.surrogate).surrogate == CLNConfig().surrogate

@@ -172,20 +172,25 @@ def make_optimizer(
 
 
 def optimizer_for(
-    cfg: Any, eps_root: float = 0.0, restart: int = 0, segments: Sequence[int] | None = None
+    cfg: Any,
+    eps_root: float = 0.0,
+    restart: int = 0,
+    segments: Sequence[int] | None = None,
+    num_iterations: int | None = None,
 ) -> Any:
-    """:func:`make_optimizer` from a trainer config's fields."""
+    """:func:`make_optimizer` from a trainer config's fields; ``num_iterations`` replaces the
+    config's (the schedule a recorded round ran under)."""
     return make_optimizer(
         cfg.lr,
         cfg.steps_per_round,
-        cfg.num_iterations,
+        cfg.num_iterations if num_iterations is None else num_iterations,
         cfg.anneal_lr,
         cfg.max_grad_norm,
         cfg.adam_eps,
         eps_root,
         restart,
         segments,
-        inner_opt=getattr(cfg, "inner_opt", "adam"),
+        inner_opt=cfg.inner_opt,
     )
 
 

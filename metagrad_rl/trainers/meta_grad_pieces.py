@@ -40,7 +40,7 @@ class UnrollInputs:
     problem: MetaProblem
     optimizer_at: Callable[[Any], tuple[Any, Any]]
     lookahead_steps: int = 1
-    surrogate: str = "clip"
+    surrogate: str = "paper"
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ workers (``torchrun --nproc-per-node N -m metagrad_rl train ...`` or ``metagrad-
 - logs: :meth:`Parallel.union_episodes` gives every worker every worker's finished episodes;
   only rank 0 writes files (:class:`~metagrad_rl.trainers.run.Run`);
 - checkpoints: :meth:`Parallel.gather_checkpoint` puts every rank's env, normaliser, RNG and
-  pending-round state into rank 0's one atomic write; :meth:`Parallel.load_checkpoint` reads
-  it on rank 0 and scatters each rank its part; a different ``N`` is a one-line error.
+  pending-round state into rank 0's one atomic write; :meth:`Parallel.resumed` gives each
+  rank its part of the checkpoint rank 0 read; a different ``N`` is a one-line error.
 
 ``--total-steps``, ``--num-steps`` and ``global_step`` count one worker's steps; ``N`` workers
 sample ``N`` times as many (the ``all_workers_step`` column of ``progress.csv``).

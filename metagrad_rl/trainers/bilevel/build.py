@@ -19,7 +19,6 @@ from metagrad_rl.trainers.bilevel.settings import StepSettings
 from metagrad_rl.trainers.bilevel.state import BilevelState, Parts, RoundRecord
 from metagrad_rl.trainers.common import (
     FlatParams,
-    make_optimizer,
     optimizer_for,
     optimizer_state_from_list,
     to_device,
@@ -114,17 +113,5 @@ def round_optimizer(cfg: BilevelConfig, parts: Parts, rec: RoundRecord) -> tuple
     tx = parts.theta_tx
     if rec.schedule is not None:
         restart, n = rec.schedule
-        tx = parts.par.averaged(
-            make_optimizer(
-                cfg.lr,
-                cfg.steps_per_round,
-                n,
-                cfg.anneal_lr,
-                cfg.max_grad_norm,
-                cfg.adam_eps,
-                cfg.adam_eps_root,
-                restart,
-                inner_opt=cfg.inner_opt,
-            )
-        )
+        tx = parts.par.averaged(optimizer_for(cfg, cfg.adam_eps_root, restart, num_iterations=n))
     return tx, optimizer_state_from_list(tx.init(rec.theta), rec.opt_state)

@@ -65,7 +65,7 @@ class Parts:
     (several workers; ``None``: ``problem``)."""
     critic_order: Tensor | None = None
     """Where each entry of the plain round's stacked critics sits in ``critics.flat``
-    (:func:`critic_stack_order`)."""
+    (:func:`~metagrad_rl.trainers.bilevel.fused.critic_stack_order`)."""
     unroll_inputs: UnrollInputs | None = None
     """What the estimator's unroll starts from: ``problem``, the inner optimizer at a recorded
     round (:func:`~metagrad_rl.trainers.bilevel.build.round_optimizer`), the look-ahead steps
@@ -77,7 +77,8 @@ class RoundRecord:
     """A policy round in flight: what its validation round needs to differentiate it.
 
     ``theta`` is ``theta_k``, ``opt_state`` the optimizer state there (checkpoint form),
-    ``batch`` the round batch ``tau_k`` (:func:`round_batch`), ``minibatches`` the index
+    ``batch`` the round batch ``tau_k``
+    (:func:`~metagrad_rl.trainers.bilevel.collect.round_batch`), ``minibatches`` the index
     schedule the round used, ``eta`` the ``eta_{i+1}`` it was run with, ``j_hat`` the mean raw
     return of the episodes finished in ``tau_k`` (the sampling-aware baseline's next input),
     ``schedule`` the learning-rate schedule the round ran under, ``(restart, num_iterations)``.
@@ -167,7 +168,8 @@ class BilevelState:
         theta_state = optimizer_state_from_list(self.theta_state, ckpt["theta_state"])
         critic_state = optimizer_state_from_list(self.critic_state, ckpt["critic_state"])
         eta_state = optimizer_state_from_list(self.eta_state, ckpt["eta_state"])
-        self.critics.load_state_dict(ckpt["critics"])
+        critics = self.critics.copy()
+        critics.load_state_dict(ckpt["critics"])
         parts.collector.load_state_dict(ckpt["collector"])
         parts.update_gen.set_state(ckpt["update_gen"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -179,6 +181,7 @@ class BilevelState:
             self,
             theta=to_device(ckpt["theta"], device),
             eta=to_device(ckpt["eta"], device),
+            critics=critics,
             theta_state=theta_state,
             critic_state=critic_state,
             eta_state=eta_state,
