@@ -52,6 +52,7 @@ from metagrad_rl.pytree import cosine as cos
 from metagrad_rl.trainers import bilevel
 from metagrad_rl.trainers.bilevel import CLNConfig, build_problem, policy_optimizer
 from metagrad_rl.trainers.common import optimizer_state_from_list
+from metagrad_rl.trainers.meta_grads import MetaGradContext, get
 from metagrad_rl.unroll import EtaPaths, Round, unroll
 
 Row = dict[str, Any]
@@ -201,10 +202,10 @@ def estimator_rows(
             )
         )
         ests["constant-clip-factor"] = (flatten(res.total), t)
-    if look is not None:
-        ests["lirpg-lookahead"] = (flatten(look[0].eq13), look[1])
-        three = g17 + flatten(look[0].eq12) + flatten(look[0].eq13)
-        ests["three-term-lookahead"] = (three, look[1])
+    if look is not None:  # the registry's entries applied to the look-ahead's result
+        for name, entry in (("lirpg-lookahead", "lirpg"), ("three-term-lookahead", "three-term")):
+            ctx = MetaGradContext(look[0], lambda: exact.eq17)
+            ests[name] = (flatten(get(entry).apply(ctx)[0]), look[1])
     for name in same:
         mib.setdefault(name, mib.get("exact", math.nan))
     return [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+import torch
 import torchopt
 from bench_helpers import load_benchmark
 from meta_helpers import make_setup
@@ -35,3 +37,30 @@ def test_rows_compare_every_estimator_with_the_exact_total():
     summ = ac.summary([{**r, "optimizer": "adam"} for r in rows])
     assert {s["estimator"] for s in summ} == set(by)
     assert "| adam | 2 | exact | 1.000" in ac.table(summ)
+
+
+def test_the_look_ahead_rows_are_the_registry_entries_on_the_look_ahead():
+    """``lirpg-lookahead`` and ``three-term-lookahead`` are the registry's ``lirpg`` and
+    ``three-term`` applied to a look-ahead's result: Eq 13, and Eq 17 + Eq 12 + Eq 13 summed
+    here by hand."""
+    from metagrad_rl.metagrad import meta_gradient
+    from metagrad_rl.pytree import flatten
+    from metagrad_rl.unroll import Round
+
+    ac = load_benchmark("accuracy_cost")
+    problem, theta, eta, rounds, outer = make_setup(n_rounds=1, steps=4)
+    tx = torchopt.chain(clip_grad_norm(0.3), torchopt.adam(0.01, eps_root=1e-8))
+    full = torch.arange(rounds[0].batch["r_ex"].numel())
+    look = meta_gradient(problem, tx, theta, eta, [Round(rounds[0].batch, [full])], outer)
+    cfg = CLNConfig()
+    rows = ac.estimator_rows(
+        problem, tx, None, theta, eta, rounds, outer, (look, 0.0), cfg, 1.0, memory=False
+    )
+    by = {r["estimator"]: r for r in rows}
+    exact = meta_gradient(problem, tx, theta, eta, rounds, outer, denominator=cfg.denominator)
+    total = flatten(exact.total)
+    hand = flatten(exact.eq17) + flatten(look.eq12) + flatten(look.eq13)
+    for name, g in (("three-term-lookahead", hand), ("lirpg-lookahead", flatten(look.eq13))):
+        want = ac.compare_row(1, name, g, 0.0, total, 1.0, math.nan)
+        assert by[name]["cos"] == pytest.approx(want["cos"], rel=1e-12)
+        assert by[name]["relerr"] == pytest.approx(want["relerr"], rel=1e-12)
