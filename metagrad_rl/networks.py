@@ -137,6 +137,12 @@ def cln_condition(eta: Mapping[str, Tensor]) -> Tensor:
     return torch.cat([eta[k].reshape(-1) for k in CONDITION_KEYS])
 
 
+def condition_for(conditioning: str, eta: Mapping[str, Tensor] | None) -> Tensor | None:
+    """A policy's conditioning input at ``eta``: :func:`cln_condition` for a ``"cln"`` policy,
+    ``None`` for any other (or without ``eta``). The one place that decides it."""
+    return cln_condition(eta) if conditioning == "cln" and eta is not None else None
+
+
 class ConditionalLayerNorm(nn.Module):
     r"""Conditional Layer Normalization, Eq 20-22 (activation ``f`` applied by the caller).
 
@@ -351,8 +357,7 @@ def policy_log_prob(
     ``eta`` is used only by a CLN policy (through :func:`cln_condition`); it may be ``None``
     for an unconditioned one.
     """
-    cond = cln_condition(eta) if policy.conditioning == "cln" and eta is not None else None
-    return policy.log_prob(theta, obs, act, cond)
+    return policy.log_prob(theta, obs, act, condition_for(policy.conditioning, eta))
 
 
 def intrinsic_reward(

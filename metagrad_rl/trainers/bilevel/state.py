@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metagrad_rl.metagrad import PendingMetaGradient
-from metagrad_rl.networks import Critic, IntrinsicReward, Policy, cln_condition
+from metagrad_rl.networks import Critic, IntrinsicReward, Policy, condition_for
 from metagrad_rl.pytree import Params
 from metagrad_rl.rollout import Batch, Collector, Rollout
 from metagrad_rl.trainers import meta_grads, parallel
@@ -32,7 +32,8 @@ def policy_condition(hp: Any, eta: Params) -> Tensor | None:
     """The policy's conditioning input at ``eta`` (``cln_condition(eta)``, a constant; ``None``
     for a policy that is not conditioned); ``hp``: the step settings or the config (its
     ``conditioning``)."""
-    return cln_condition(eta).detach() if hp.conditioning == "cln" else None
+    cond = condition_for(hp.conditioning, eta)
+    return None if cond is None else cond.detach()
 
 
 @dataclass
