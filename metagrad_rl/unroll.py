@@ -192,10 +192,10 @@ def unroll(
         if s == cut and cut > 0:  # the window starts with this round
             x, state = _restart(x, state, anchor, layout)
         theta_k = x if view is None else view(x)
-        if s < cut:  # this round starts before the window: its start is a constant
-            theta_k = anchor.round_starts[r] if anchor is not None else detach(theta_k)
-            if s + len(rnd.minibatches) <= cut:  # and it ends there: no graph at all
-                eta_pol, eta_rew = detach(eta_pol), detach(eta_rew)
+        if s < cut:  # this round starts before the window
+            theta_k, eta_pol, eta_rew = _before_window(
+                r, theta_k, eta_pol, eta_rew, anchor, ends_before=s + len(rnd.minibatches) <= cut
+            )
         starts.append(theta_k)
         frozen = None if anchor is None else (anchor.round_starts[r], anchor.eta)
         data = prepare_round(problem, rnd.batch, theta_k, eta_pol, eta_rew, surrogate, frozen)
@@ -211,7 +211,30 @@ def unroll(
             mb = minibatch_of(data, rnd.minibatches, j, extras)
             x, state = inner_step(problem, tx, x, state, mb, eta_pol, graph, view, trace, (r, j))
             s += 1
-    saw_zero = trace.check()
+    return _result(x, state, starts, trace.check(), layout)
+
+
+def _before_window(
+    r: int,
+    theta_k: Params,
+    eta_pol: Params,
+    eta_rew: Params,
+    anchor: Anchor | None,
+    ends_before: bool,
+) -> tuple[Params, Params, Params]:
+    """A round that starts before the truncation window: its start is a constant (the
+    anchor's, or ``theta_k`` detached); one that also ends there reads ``eta`` as a constant
+    too (no graph at all)."""
+    theta_k = anchor.round_starts[r] if anchor is not None else detach(theta_k)
+    if ends_before:
+        eta_pol, eta_rew = detach(eta_pol), detach(eta_rew)
+    return theta_k, eta_pol, eta_rew
+
+
+def _result(
+    x: Params, state: Any, starts: list[Params], saw_zero: bool, layout: FlatLayout | None
+) -> UnrollResult:
+    """The unroll's output, per tensor (unflattened when the optimizer ran on one vector)."""
     if layout is None:
         return UnrollResult(x, state, starts, saw_zero)
     theta_out = layout.unflatten(x[FLAT_KEY])

@@ -265,13 +265,7 @@ def verify_meta_gradient(
     total = flatten(whole.total)
     total_norm = float(total.norm())
 
-    anchor = anchor_at(
-        problem, optimizer, theta, eta, rounds, opt_state, opts.surrogate, opts.truncate
-    )
-    objective = path_objective(
-        problem, optimizer, theta, anchor, rounds, outer_batch, opt_state=opt_state,
-        surrogate=opts.surrogate, denominator=opts.denominator, truncate=opts.truncate,
-    )  # fmt: skip
+    objective = _objective(args, opt_state, opts)
     layout = FlatLayout(eta)
     ok, msg = _gradcheck(
         lambda vec: objective(EtaPaths.shared(layout.unflatten(vec))),
@@ -291,6 +285,20 @@ def verify_meta_gradient(
     if raise_on_failure:
         report.raise_if_failed()
     return report
+
+
+def _objective(args: tuple[Any, ...], opt_state: Any, opts: MetaGradOptions) -> Any:
+    """The outer loss as a function of the ``eta`` paths, everything the module docstring
+    holds fixed frozen at ``eta`` (:func:`~metagrad_rl.unroll.anchor_at`); ``args`` are
+    ``(problem, optimizer, theta, eta, rounds, outer_batch)``."""
+    problem, optimizer, theta, eta, rounds, outer_batch = args
+    anchor = anchor_at(
+        problem, optimizer, theta, eta, rounds, opt_state, opts.surrogate, opts.truncate
+    )
+    return path_objective(
+        problem, optimizer, theta, anchor, rounds, outer_batch, opt_state=opt_state,
+        surrogate=opts.surrogate, denominator=opts.denominator, truncate=opts.truncate,
+    )  # fmt: skip
 
 
 def _term_sum_error(
